@@ -1,0 +1,425 @@
+"""HttpConnectionManager config: validated once into an HcmConfig shared by all connections.
+
+Strategy: everything a request needs from the proto (route table, filter factories, header
+policies, timeouts, bound stats) is resolved here, at config time. The per-connection
+ConnectionManager and per-request ActiveStream only read attributes of this object.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+
+from pyenvoy.config.errors import ConfigError
+from pyenvoy.extensions import registry
+from pyenvoy.http.conn_manager import ConnectionManager
+from pyenvoy.stats import Scope, StatsStruct
+from pyenvoy.stream_info import format_address
+
+if TYPE_CHECKING:
+    from pyenvoy.http.conn_manager import ActiveStream
+    from pyenvoy.http.headers import RequestHeaders, ResponseHeaders
+
+log = logging.getLogger("pyenvoy.http")
+
+TYPE_URL = (
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+
+
+class HcmStats(StatsStruct):
+    """``http.<stat_prefix>.*`` (Envoy's ALL_HTTP_CONN_MAN_STATS)."""
+
+    COUNTERS = (
+        "downstream_cx_delayed_close_timeout",
+        "downstream_cx_destroy",
+        "downstream_cx_destroy_active_rq",
+        "downstream_cx_destroy_local",
+        "downstream_cx_destroy_local_active_rq",
+        "downstream_cx_destroy_remote",
+        "downstream_cx_destroy_remote_active_rq",
+        "downstream_cx_drain_close",
+        "downstream_cx_http1_total",
+        "downstream_cx_http2_total",
+        "downstream_cx_http3_total",
+        "downstream_cx_idle_timeout",
+        "downstream_cx_max_duration_reached",
+        "downstream_cx_max_requests_reached",
+        "downstream_cx_overload_disable_keepalive",
+        "downstream_cx_protocol_error",
+        "downstream_cx_rx_bytes_total",
+        "downstream_cx_ssl_total",
+        "downstream_cx_total",
+        "downstream_cx_tx_bytes_total",
+        "downstream_cx_upgrades_total",
+        "downstream_flow_control_paused_reading_total",
+        "downstream_flow_control_resumed_reading_total",
+        "downstream_rq_1xx",
+        "downstream_rq_2xx",
+        "downstream_rq_3xx",
+        "downstream_rq_4xx",
+        "downstream_rq_5xx",
+        "downstream_rq_completed",
+        "downstream_rq_failed_path_normalization",
+        "downstream_rq_header_timeout",
+        "downstream_rq_http1_total",
+        "downstream_rq_http2_total",
+        "downstream_rq_http3_total",
+        "downstream_rq_idle_timeout",
+        "downstream_rq_max_duration_reached",
+        "downstream_rq_non_relative_path",
+        "downstream_rq_overload_close",
+        "downstream_rq_redirected_with_normalized_path",
+        "downstream_rq_rejected_via_ip_detection",
+        "downstream_rq_response_before_rq_complete",
+        "downstream_rq_rx_reset",
+        "downstream_rq_timeout",
+        "downstream_rq_too_large",
+        "downstream_rq_too_many_premature_resets",
+        "downstream_rq_total",
+        "downstream_rq_tx_reset",
+        "downstream_rq_ws_on_non_ws_route",
+        "rs_too_large",
+    )
+    GAUGES = (
+        "downstream_cx_active",
+        "downstream_cx_http1_active",
+        "downstream_cx_http2_active",
+        "downstream_cx_http3_active",
+        "downstream_cx_rx_bytes_buffered",
+        "downstream_cx_ssl_active",
+        "downstream_cx_tx_bytes_buffered",
+        "downstream_cx_upgrades_active",
+        "downstream_rq_active",
+    )
+    HISTOGRAMS = ("downstream_cx_length_ms", "downstream_rq_time")
+
+
+class ListenerHttpStats(StatsStruct):
+    """``listener.<address>.http.<stat_prefix>.*``."""
+
+    COUNTERS = (
+        "downstream_rq_1xx",
+        "downstream_rq_2xx",
+        "downstream_rq_3xx",
+        "downstream_rq_4xx",
+        "downstream_rq_5xx",
+        "downstream_rq_completed",
+    )
+
+
+def _duration(msg: Any, field: str, default: float) -> float:
+    if not msg.HasField(field):
+        return default
+    d = getattr(msg, field)
+    return float(d.seconds + d.nanos / 1e9)
+
+
+def _new_request_id() -> bytes:
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}".encode()
+
+
+# HCM fields that change behaviour and pyenvoy does not implement yet: rejected, never ignored.
+_UNSUPPORTED_FIELDS = (
+    "rds",
+    "scoped_routes",
+    "tracing",
+    "http2_protocol_options",
+    "http3_protocol_options",
+    "original_ip_detection_extensions",
+    "early_header_mutation_extensions",
+    "forward_client_cert_details",
+    "set_current_client_cert_details",
+    "upgrade_configs",
+    "request_id_extension",
+    "local_reply_config",
+    "typed_header_validation_config",
+    "proxy_status_config",
+    "path_normalization_options",
+)
+
+_REPEATED = ("upgrade_configs", "original_ip_detection_extensions", "early_header_mutation_extensions")
+
+
+class HcmConfig:
+    def __init__(self, proto: hcm_pb2.HttpConnectionManager, ctx: registry.FactoryContext) -> None:
+        path = ctx.path
+        self.proto = proto
+        for f in _UNSUPPORTED_FIELDS:
+            if f in _REPEATED:
+                present = len(getattr(proto, f)) > 0
+            else:
+                present = proto.HasField(f)
+            if present:
+                raise ConfigError(f"{f} is not supported by pyenvoy yet", f"{path}.{f}")
+        codec = hcm_pb2.HttpConnectionManager.CodecType.Name(proto.codec_type)
+        if codec not in ("AUTO", "HTTP1"):
+            raise ConfigError(f"codec_type {codec} is not supported by pyenvoy yet", f"{path}.codec_type")
+        if proto.normalize_path.value or proto.merge_slashes:
+            raise ConfigError("path normalization is not supported by pyenvoy yet", f"{path}.normalize_path")
+        self.stat_prefix = proto.stat_prefix
+        root = ctx.stats
+        assert root is not None
+        self.stats = HcmStats(root.scope(f"http.{proto.stat_prefix}"))
+        lscope: Scope | None = ctx.listener_scope
+        self.listener_stats = (
+            ListenerHttpStats(lscope.scope(f"http.{proto.stat_prefix}")) if lscope is not None else None
+        )
+        self.router_stats_scope = root.scope(f"http.{proto.stat_prefix}")
+        self._rq_code_stats = [
+            None,
+            self.stats.downstream_rq_1xx,
+            self.stats.downstream_rq_2xx,
+            self.stats.downstream_rq_3xx,
+            self.stats.downstream_rq_4xx,
+            self.stats.downstream_rq_5xx,
+        ]
+        ls = self.listener_stats
+        self._listener_code_stats = (
+            [
+                None,
+                ls.downstream_rq_1xx,
+                ls.downstream_rq_2xx,
+                ls.downstream_rq_3xx,
+                ls.downstream_rq_4xx,
+                ls.downstream_rq_5xx,
+            ]
+            if ls is not None
+            else None
+        )
+        # Route table (inline only: RDS arrives with dynamic config).
+        self.route_table: Any = None
+        if proto.HasField("route_config"):
+            from pyenvoy.router.config import RouteTable
+
+            rc = proto.route_config
+            validate = None
+            cm = ctx.cluster_manager
+            if cm is not None and (not rc.HasField("validate_clusters") or rc.validate_clusters.value):
+                validate = cm.has_cluster
+            self.route_table = RouteTable.from_proto(rc, f"{path}.route_config", validate_clusters=validate)
+        else:
+            raise ConfigError("either route_config or rds must be set", path)
+        # Header policies.
+        self.server_name = (proto.server_name or "envoy").encode()
+        self.server_header_transformation = proto.server_header_transformation
+        self.use_remote_address = proto.use_remote_address.value
+        self.xff_num_trusted_hops = proto.xff_num_trusted_hops
+        self.skip_xff_append = proto.skip_xff_append
+        self.via = proto.via.encode() if proto.via else None
+        self.generate_request_id = (
+            proto.generate_request_id.value if proto.HasField("generate_request_id") else True
+        )
+        self.preserve_external_request_id = proto.preserve_external_request_id
+        self.always_set_request_id_in_response = proto.always_set_request_id_in_response
+        self.max_request_headers_bytes = (proto.max_request_headers_kb.value or 60) * 1024
+        cho = proto.common_http_protocol_options
+        self.max_headers_count = (
+            cho.max_headers_count.value if cho.HasField("max_headers_count") else 100
+        )
+        self.idle_timeout = _duration(cho, "idle_timeout", 3600.0)
+        if cho.HasField("max_connection_duration") or cho.HasField("max_stream_duration"):
+            raise ConfigError(
+                "max_connection_duration/max_stream_duration are not supported by pyenvoy yet",
+                f"{path}.common_http_protocol_options",
+            )
+        self.request_timeout = _duration(proto, "request_timeout", 0.0)
+        self.stream_idle_timeout = _duration(proto, "stream_idle_timeout", 300.0)
+        self.request_headers_timeout = _duration(proto, "request_headers_timeout", 0.0)
+        self.drain_timeout = _duration(proto, "drain_timeout", 5.0)
+        self.delayed_close_timeout = _duration(proto, "delayed_close_timeout", 1.0)
+        self.accept_http_10 = proto.http_protocol_options.accept_http_10
+        self.default_host_for_http_10 = proto.http_protocol_options.default_host_for_http_10.encode()
+        self.proxy_100_continue = proto.proxy_100_continue
+        self.cluster_manager = ctx.cluster_manager
+        self.server = ctx.server
+        # Access logs.
+        self.access_logs: list[Any] = []
+        if len(proto.access_log):
+            from pyenvoy.access_log import build_access_logs
+
+            self.access_logs = build_access_logs(proto.access_log, f"{path}.access_log")
+        # HTTP filters.
+        self.filter_factories: list[tuple[str, Callable[[], Any]]] = []
+        n = len(proto.http_filters)
+        if n == 0:
+            raise ConfigError("http_filters must not be empty (a router filter is required)", f"{path}.http_filters")
+        from pyenvoy.config import unpack_any
+
+        for i, hf in enumerate(proto.http_filters):
+            fpath = f"{path}.http_filters[{i}]"
+            if hf.disabled:
+                continue
+            if hf.HasField("config_discovery"):
+                raise ConfigError("config_discovery (ECDS) is not supported by pyenvoy yet", fpath)
+            type_url = hf.typed_config.type_url if hf.HasField("typed_config") else ""
+            ext = registry.find(registry.HTTP_FILTER, hf.name, type_url)
+            if ext is None:
+                if hf.is_optional:
+                    log.warning("optional http filter %s is not supported; skipped", hf.name)
+                    continue
+                registry.require(registry.HTTP_FILTER, hf.name, type_url, fpath)
+                raise AssertionError("unreachable")
+            if ext.terminal and i != n - 1:
+                raise ConfigError(
+                    f"terminal filter named {hf.name} of type {ext.name} must be the last filter "
+                    "in a http filter chain.",
+                    fpath,
+                )
+            if i == n - 1 and not ext.terminal:
+                raise ConfigError(
+                    f"non-terminal filter named {hf.name} of type {ext.name} is the last filter in a "
+                    "http filter chain.",
+                    fpath,
+                )
+            msg = unpack_any(hf.typed_config, f"{fpath}.typed_config") if type_url else None
+            sub = registry.FactoryContext(
+                cluster_manager=ctx.cluster_manager,
+                stats=ctx.stats,
+                server=ctx.server,
+                path=f"{fpath}.typed_config",
+                listener_scope=ctx.listener_scope,
+                extra={"hcm": self},
+            )
+            self.filter_factories.append((hf.name, ext.factory(msg, sub)))
+        self._makers = [m for _, m in self.filter_factories]
+
+    # --- per connection / per stream --------------------------------------------------------
+    def create_connection_filter(self) -> ConnectionManager:
+        return ConnectionManager(self)
+
+    def create_filter_chain(self, stream: ActiveStream) -> list[Any]:
+        decoders = stream.decoder_filters
+        encoders: list[Any] = []
+        for make in self._makers:
+            f = make()
+            if hasattr(f, "decode_headers"):
+                f.set_decoder_filter_callbacks(stream)
+                decoders.append(f)
+            if hasattr(f, "encode_headers"):
+                f.set_encoder_filter_callbacks(stream)
+                encoders.append(f)
+        if encoders:
+            encoders.reverse()
+            stream.encoder_filters = encoders
+        return decoders
+
+    def mutate_request_headers(self, headers: RequestHeaders, stream: ActiveStream) -> None:
+        """Envoy's ConnectionManagerUtility::mutateRequestHeaders (the parts pyenvoy has)."""
+        hl = headers.headers
+        for h in hl:
+            n = h[0]
+            if n == b"connection" or n == b"keep-alive" or n == b"proxy-connection" or n == b"transfer-encoding" or n == b"upgrade" or (n == b"te" and h[1].lower() != b"trailers"):
+                headers.headers = hl = [
+                    x
+                    for x in hl
+                    if x[0] not in (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+                    and not (x[0] == b"te" and x[1].lower() != b"trailers")
+                ]
+                break
+        si = stream.stream_info
+        internal = True
+        if self.use_remote_address:
+            remote = si.downstream_remote_address
+            ip = remote[0] if remote else ""
+            internal = _is_internal(ip)
+            if not self.skip_xff_append and ip:
+                xff = headers.get(b"x-forwarded-for")
+                if xff:
+                    headers.set(b"x-forwarded-for", xff + b"," + ip.encode())
+                else:
+                    hl.append([b"x-forwarded-for", ip.encode()])
+            if internal:
+                headers.set(b"x-envoy-internal", b"true")
+            else:
+                headers.remove(b"x-envoy-internal")
+                headers.set(b"x-envoy-external-address", ip.encode())
+            headers.set(b"x-forwarded-proto", headers.scheme)
+        elif headers.get(b"x-forwarded-proto") is None:
+            headers.headers.append([b"x-forwarded-proto", headers.scheme])
+        if self.generate_request_id:
+            rid = headers.get(b"x-request-id")
+            edge = self.use_remote_address and not internal
+            if rid is None or (edge and not self.preserve_external_request_id):
+                rid = _new_request_id()
+                headers.set(b"x-request-id", rid)
+            si.request_id = rid
+        else:
+            si.request_id = headers.get(b"x-request-id")
+        if self.via is not None:
+            via = headers.get(b"via")
+            headers.set(b"via", via + b"," + self.via if via else self.via)
+
+    def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> None:
+        from pyenvoy.http.conn_manager import http_date
+
+        headers.set(b"date", http_date())
+        t = self.server_header_transformation
+        if t == 0:  # OVERWRITE
+            headers.set(b"server", self.server_name)
+        elif t == 1:  # APPEND_IF_ABSENT
+            headers.set_default(b"server", self.server_name)
+        if self.always_set_request_id_in_response:
+            rid = stream.stream_info.request_id
+            if rid:
+                headers.set(b"x-request-id", rid)
+        if self.via is not None:
+            via = headers.get(b"via")
+            headers.set(b"via", via + b"," + self.via if via else self.via)
+
+    def on_stream_complete(self, stream: ActiveStream) -> None:
+        s = self.stats
+        s.downstream_rq_active.value -= 1
+        si = stream.stream_info
+        code = si.response_code
+        if code is not None and stream.response_complete:
+            cls = code // 100
+            if 1 <= cls <= 5:
+                c = self._rq_code_stats[cls]
+                c.value += 1  # type: ignore[union-attr]
+                lc = self._listener_code_stats
+                if lc is not None:
+                    lc[cls].value += 1  # type: ignore[union-attr]
+            s.downstream_rq_completed.value += 1
+            if self.listener_stats is not None:
+                self.listener_stats.downstream_rq_completed.value += 1
+        s.downstream_rq_time.record((time.monotonic() - si.start_monotonic) * 1000)
+        for logger in self.access_logs:
+            logger.log(stream.request_headers, stream.response_headers, si)
+
+
+def _is_internal(ip: str) -> bool:
+    if not ip:
+        return True
+    try:
+        a = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return a.is_private or a.is_loopback
+
+
+def _factory(proto: hcm_pb2.HttpConnectionManager, ctx: registry.FactoryContext) -> Callable[[], Any]:
+    config = HcmConfig(proto, ctx)
+    return config.create_connection_filter
+
+
+registry.register(
+    registry.NETWORK_FILTER,
+    "envoy.filters.network.http_connection_manager",
+    TYPE_URL,
+    _factory,
+    terminal=True,
+    aliases=("envoy.http_connection_manager",),
+)
+
+__all__ = ["HcmConfig", "HcmStats", "format_address"]

@@ -1,0 +1,752 @@
+"""The HTTP connection manager: one per downstream connection, streams in, filters, codec out.
+
+Strategy: the ConnectionManager is the network read filter that owns the HTTP/1 codec
+(``pyenvoy.http.http1.RequestParser``); it is the parser's handler. Each request becomes an
+ActiveStream that runs the HTTP filter chain (decode in order, encode in reverse), and whose
+response the manager frames back onto the connection. The stream is codec-neutral: it sees
+RequestHeaders/ResponseHeaders and bytes; only ``_write_response_*`` know HTTP/1 framing.
+
+HTTP/1 allows one request at a time: pipelined requests stay buffered in the paused parser
+until the current response completes. Local replies (404 NR, 503 UH, 400 ...) use Envoy's
+texts and headers. No ``await`` lives here: everything is callbacks; timers are shared
+``TimeoutQueue`` entries (see pyenvoy/timeouts.py) or one per-connection handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+from pyenvoy import stream_info as sinfo
+from pyenvoy.http import filter as hf
+from pyenvoy.http import http1
+from pyenvoy.http.headers import RequestHeaders, ResponseHeaders
+from pyenvoy.network import filter as nf
+from pyenvoy.stream_info import StreamInfo
+from pyenvoy.timeouts import Timeout, queue_for
+
+if TYPE_CHECKING:
+    from pyenvoy.extensions.filters.network.http_connection_manager.config import HcmConfig
+    from pyenvoy.network.connection import Connection
+
+log = logging.getLogger("pyenvoy.http")
+
+# Request headers that are hop-by-hop and never forwarded (Envoy strips these).
+_HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te")
+)
+# Response headers the codec owns.
+_RESPONSE_STRIP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+
+_date_cache: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """RFC 7231 date, cached per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode()
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
+class ConnectionManager(nf.ReadFilter):
+    """``envoy.filters.network.http_connection_manager`` for one downstream connection."""
+
+    __slots__ = (
+        "config",
+        "connection",
+        "parser",
+        "stream",
+        "stats",
+        "closing",
+        "_idle_handle",
+        "last_activity",
+        "remote_closed",
+        "requests",
+        "start",
+    )
+
+    def __init__(self, config: HcmConfig) -> None:
+        self.config = config
+        self.parser = http1.RequestParser(
+            self, max_header_bytes=config.max_request_headers_bytes, max_headers_count=config.max_headers_count
+        )
+        self.stream: ActiveStream | None = None
+        self.stats = config.stats
+        self.closing = False
+        self._idle_handle: Any = None
+        self.last_activity = 0.0
+        self.remote_closed = False
+        self.requests = 0
+        self.start = 0.0
+
+    # --- network filter ---------------------------------------------------------------
+    def initialize_read_filter_callbacks(self, connection: Connection) -> None:
+        self.connection = connection
+        connection.add_connection_callbacks(self)
+
+    def on_new_connection(self) -> int:
+        s = self.stats
+        s.downstream_cx_total.value += 1
+        s.downstream_cx_http1_total.value += 1
+        s.downstream_cx_active.value += 1
+        s.downstream_cx_http1_active.value += 1
+        self.start = time.monotonic()
+        idle = self.config.idle_timeout
+        if idle:
+            loop = _loop()
+            self.last_activity = loop.time()
+            self._idle_handle = loop.call_later(idle, self._on_idle_check)
+        return nf.STOP_ITERATION
+
+    def on_data(self, data: bytes, end_stream: bool) -> int:
+        if self._idle_handle is not None:
+            self.last_activity = _loop().time()
+        if data:
+            self.stats.downstream_cx_rx_bytes_total.value += len(data)
+            try:
+                self.parser.feed(data)
+            except http1.ParseError as e:
+                self._on_codec_error(e)
+                return nf.STOP_ITERATION
+        if end_stream:
+            self.remote_closed = True
+            stream = self.stream
+            if stream is None:
+                self.connection.close()
+            elif not stream.request_complete:
+                # Client went away mid-request: reset the stream and close.
+                stream.stream_info.set_response_flag(sinfo.DOWNSTREAM_CONNECTION_TERMINATION)
+                stream.reset(remote=True)
+                self.connection.close()
+            # else: finish the response, then close (see on_stream_complete).
+        return nf.STOP_ITERATION
+
+    # --- connection callbacks -------------------------------------------------------------
+    def on_event(self, event: str) -> None:
+        s = self.stats
+        s.downstream_cx_active.value -= 1
+        s.downstream_cx_http1_active.value -= 1
+        s.downstream_cx_destroy.value += 1
+        if event == nf.REMOTE_CLOSE:
+            s.downstream_cx_destroy_remote.value += 1
+        else:
+            s.downstream_cx_destroy_local.value += 1
+        s.downstream_cx_length_ms.record((time.monotonic() - self.start) * 1000)
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        stream = self.stream
+        if stream is not None:
+            s.downstream_cx_destroy_active_rq.value += 1
+            if event == nf.REMOTE_CLOSE:
+                s.downstream_cx_destroy_remote_active_rq.value += 1
+            else:
+                s.downstream_cx_destroy_local_active_rq.value += 1
+            stream.stream_info.set_response_flag(sinfo.DOWNSTREAM_CONNECTION_TERMINATION)
+            stream.reset(remote=True)
+
+    def on_above_write_buffer_high_watermark(self) -> None:
+        stream = self.stream
+        if stream is not None:
+            for cb in stream.watermark_callbacks:
+                cb.on_above_write_buffer_high_watermark()
+
+    def on_below_write_buffer_low_watermark(self) -> None:
+        stream = self.stream
+        if stream is not None:
+            for cb in stream.watermark_callbacks:
+                cb.on_below_write_buffer_low_watermark()
+
+    # --- RequestParser handler ---------------------------------------------------------
+    def on_request_headers(
+        self,
+        method: bytes,
+        target: bytes,
+        version: int,
+        headers: list[list[bytes]],
+        keep_alive: bool,
+        has_body: bool,
+    ) -> None:
+        config = self.config
+        self.requests += 1
+        # Host/:authority and the absolute-form request target.
+        authority = b""
+        for i, h in enumerate(headers):
+            if h[0] == b"host":
+                authority = h[1]
+                del headers[i]
+                break
+        path = target
+        if target[:1] != b"/":
+            if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+                rest = target.split(b"://", 1)[1]
+                slash = rest.find(b"/")
+                authority = rest if slash < 0 else rest[:slash]
+                path = b"/" if slash < 0 else rest[slash:]
+            elif method == b"CONNECT" or (method == b"OPTIONS" and target == b"*"):
+                pass
+            else:
+                raise http1.ParseError("http1.invalid_url", 400)
+        rh = RequestHeaders(method, path, authority, b"http", headers)
+        stream = ActiveStream(self, rh, version, keep_alive and not self.closing)
+        self.stream = stream
+        if version == 10 and not config.accept_http_10:
+            stream.request_complete = not has_body
+            stream.send_local_reply(426, b"Upgrade Required", "low_version", close=True)
+            return
+        if not authority and version == 11:
+            stream.send_local_reply(400, b"Bad Request", "missing_host_header", close=True)
+            return
+        if version == 11 and method != b"HEAD":
+            expect = rh.get(b"expect")
+            if expect is not None and expect.lower() == b"100-continue":
+                # Envoy answers 100-continue itself and does not forward the Expect header.
+                rh.remove(b"expect")
+                self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        stream.decode_headers(rh, not has_body)
+
+    def on_body(self, data: bytes) -> None:
+        stream = self.stream
+        if stream is not None and not stream.request_complete:
+            stream.decode_data(data, False)
+
+    def on_message_complete(self) -> None:
+        stream = self.stream
+        if stream is None:
+            return
+        if not stream.request_complete:
+            stream.decode_data(b"", True)
+        if self.stream is stream and not stream.response_complete:
+            # Pipelined requests wait in the parser until this response is done.
+            self.parser.pause()
+
+    # --- stream lifecycle ----------------------------------------------------------------
+    def on_stream_complete(self, stream: ActiveStream) -> None:
+        """Response fully written (or stream reset)."""
+        if self.stream is stream:
+            self.stream = None
+        conn = self.connection
+        if conn.closed or conn.local_close:
+            return
+        if stream.close_connection or not stream.keep_alive or self.remote_closed or self.closing:
+            conn.close()
+            return
+        if not stream.request_complete:
+            # Responded before the request was fully read: HTTP/1 can't resync, close.
+            self.stats.downstream_rq_response_before_rq_complete.value += 1
+            conn.close()
+            return
+        if self.parser.paused:
+            try:
+                self.parser.resume()
+            except http1.ParseError as e:
+                self._on_codec_error(e)
+
+    def _on_codec_error(self, e: http1.ParseError) -> None:
+        self.stats.downstream_cx_protocol_error.value += 1
+        stream = self.stream
+        if stream is not None and stream.response_started:
+            stream.reset(remote=False)
+            self.connection.close()
+            return
+        if stream is None:
+            stream = ActiveStream(self, RequestHeaders(b"", b"", b""), 11, False)
+            self.stream = stream
+        stream.stream_info.set_response_flag(sinfo.DOWNSTREAM_PROTOCOL_ERROR)
+        if e.status == 431:
+            body = b"Request Header Fields Too Large"
+        elif e.status == 413:
+            body = b"Payload Too Large"
+        elif e.status == 501:
+            body = b"Not Implemented"
+        else:
+            body = b"Bad Request"
+        stream.request_complete = True
+        stream.send_local_reply(e.status, body, e.details, close=True)
+        self.parser.pause()
+
+    def _on_idle_check(self) -> None:
+        self._idle_handle = None
+        conn = self.connection
+        if conn.closed:
+            return
+        loop = _loop()
+        idle = self.config.idle_timeout
+        remaining = self.last_activity + idle - loop.time()
+        if self.stream is not None or remaining > 0:
+            self._idle_handle = loop.call_later(max(remaining, idle if self.stream else 0.001), self._on_idle_check)
+            return
+        self.stats.downstream_cx_idle_timeout.value += 1
+        conn.close()
+
+    def drain(self) -> None:
+        """Stop keep-alive: the current response carries Connection: close."""
+        self.closing = True
+        if self.stream is None:
+            self.connection.close()
+
+
+def _loop() -> Any:
+    import asyncio
+
+    return asyncio.get_running_loop()
+
+
+class ActiveStream:
+    """One request/response exchange and its filter chain."""
+
+    __slots__ = (
+        "cm",
+        "request_headers",
+        "version",
+        "keep_alive",
+        "stream_info",
+        "_route",
+        "decoder_filters",
+        "encoder_filters",
+        "request_complete",
+        "response_complete",
+        "response_started",
+        "close_connection",
+        "is_head",
+        "chunked",
+        "_decode_stopped",
+        "_decode_headers_pending",
+        "_decode_buffer",
+        "_decode_end",
+        "_encode_stopped",
+        "_encode_buffer",
+        "_encode_end",
+        "_pending_response_headers",
+        "watermark_callbacks",
+        "_timer",
+        "destroyed",
+        "response_headers",
+        "local_reply",
+        "_upstream_above",
+    )
+
+    def __init__(self, cm: ConnectionManager, headers: RequestHeaders, version: int, keep_alive: bool) -> None:
+        self.cm = cm
+        self.request_headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        conn = cm.connection
+        si = StreamInfo(conn.remote_address, conn.local_address, "HTTP/1.1" if version == 11 else "HTTP/1.0")
+        self.stream_info = si
+        self._route: Any = _UNSET
+        self.decoder_filters: list[Any] = []
+        self.encoder_filters: list[Any] = []
+        self.request_complete = False
+        self.response_complete = False
+        self.response_started = False
+        self.close_connection = False
+        self.is_head = headers.method == b"HEAD"
+        self.chunked = False
+        self._decode_stopped = -1  # index of the filter that stopped decoding, -1 none
+        self._decode_headers_pending = False
+        self._decode_buffer: list[bytes] | None = None
+        self._decode_end = False
+        self._encode_stopped = -1
+        self._encode_buffer: list[bytes] | None = None
+        self._encode_end = False
+        self._pending_response_headers: ResponseHeaders | None = None
+        self.watermark_callbacks: list[Any] = []
+        self._timer: Timeout | None = None
+        self.destroyed = False
+        self.response_headers: ResponseHeaders | None = None
+        self.local_reply = False
+        self._upstream_above = False
+        s = cm.stats
+        s.downstream_rq_total.value += 1
+        s.downstream_rq_http1_total.value += 1
+        s.downstream_rq_active.value += 1
+
+    # --- decoding ------------------------------------------------------------------------
+    def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> None:
+        config = self.cm.config
+        self.request_complete = end_stream
+        if end_stream:
+            self.stream_info.request_complete_monotonic = time.monotonic()
+        config.mutate_request_headers(headers, self)
+        if config.request_timeout:
+            self._timer = queue_for(config.request_timeout).add(self._on_request_timeout)
+        filters = config.create_filter_chain(self)
+        if self.destroyed or self.response_complete:
+            return
+        for i, f in enumerate(filters):
+            status = f.decode_headers(headers, end_stream)
+            if self.destroyed or self.local_reply:
+                return
+            if status != hf.CONTINUE:
+                self._decode_stopped = i
+                self._decode_headers_pending = True
+                self._decode_end = end_stream
+                return
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        if end_stream:
+            self.request_complete = True
+            self.stream_info.request_complete_monotonic = time.monotonic()
+            t = self._timer
+            if t is not None:
+                t.cancel()
+                self._timer = None
+        self.stream_info.bytes_received += len(data)
+        if self._decode_stopped >= 0:
+            buf = self._decode_buffer
+            if buf is None:
+                buf = self._decode_buffer = []
+            if data:
+                buf.append(data)
+            if end_stream:
+                self._decode_end = True
+            self._check_decode_buffer()
+            return
+        self._decode_data_from(0, data, end_stream)
+
+    def _decode_data_from(self, start: int, data: bytes, end_stream: bool) -> None:
+        filters = self.decoder_filters
+        for i in range(start, len(filters)):
+            status = filters[i].decode_data(data, end_stream)
+            if self.destroyed or self.local_reply:
+                return
+            if status == hf.CONTINUE:
+                continue
+            if status == hf.STOP_ITERATION_AND_BUFFER or status == hf.STOP_ITERATION:
+                self._decode_stopped = i
+                buf = self._decode_buffer
+                if buf is None:
+                    buf = self._decode_buffer = []
+                if data:
+                    buf.append(data)
+                self._decode_end = end_stream
+                self._check_decode_buffer()
+            return
+
+    def _check_decode_buffer(self) -> None:
+        buf = self._decode_buffer
+        if buf and sum(len(b) for b in buf) > self.cm.connection.buffer_limit:
+            if self.response_started:
+                self.reset(remote=False)
+                self.cm.connection.close()
+            else:
+                self.cm.stats.downstream_rq_too_large.value += 1
+                self.send_local_reply(413, b"Payload Too Large", "request_payload_too_large")
+
+    def continue_decoding(self) -> None:
+        """Resume the decode chain after the filter that stopped it.
+
+        While a filter holds the chain, later data is buffered (Envoy's
+        StopAllIterationAndBuffer); on continue the held headers, then the buffered body,
+        go to the filters after it.
+        """
+        i = self._decode_stopped
+        if i < 0 or self.destroyed:
+            return
+        self._decode_stopped = -1
+        filters = self.decoder_filters
+        buf = self._decode_buffer
+        self._decode_buffer = None
+        data = b"".join(buf) if buf else b""
+        end = self._decode_end
+        start = i + 1
+        if self._decode_headers_pending:
+            self._decode_headers_pending = False
+            end_at_headers = end and not data
+            for j in range(start, len(filters)):
+                status = filters[j].decode_headers(self.request_headers, end_at_headers)
+                if self.destroyed or self.local_reply:
+                    return
+                if status != hf.CONTINUE:
+                    self._decode_stopped = j
+                    self._decode_headers_pending = True
+                    if data:
+                        self._decode_buffer = [data]
+                    return
+            if end_at_headers or (not data and not end):
+                return
+        self._decode_data_from(start, data, end)
+
+    # --- routing ---------------------------------------------------------------------
+    def route(self) -> Any:
+        r = self._route
+        if r is _UNSET:
+            table = self.cm.config.route_table
+            r = self._route = table.route(self.request_headers) if table is not None else None
+            if r is not None:
+                si = self.stream_info
+                si.route_name = r.name
+                si.virtual_host_name = r.virtual_host.name
+        return r
+
+    def clear_route_cache(self) -> None:
+        self._route = _UNSET
+
+    # --- encoding -----------------------------------------------------------------------
+    def encode_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
+        if self.destroyed or self.response_started:
+            return
+        self.response_headers = headers
+        filters = self.encoder_filters
+        for i, f in enumerate(filters):
+            status = f.encode_headers(headers, end_stream)
+            if status != hf.CONTINUE:
+                self._encode_stopped = i
+                self._pending_response_headers = headers
+                self._encode_end = end_stream
+                return
+        self._write_response_headers(headers, end_stream)
+
+    def encode_data(self, data: bytes, end_stream: bool) -> None:
+        if self.destroyed:
+            return
+        if self._encode_stopped >= 0:
+            buf = self._encode_buffer
+            if buf is None:
+                buf = self._encode_buffer = []
+            if data:
+                buf.append(data)
+            if end_stream:
+                self._encode_end = True
+            return
+        filters = self.encoder_filters
+        for i, f in enumerate(filters):
+            status = f.encode_data(data, end_stream)
+            if status != hf.CONTINUE:
+                self._encode_stopped = i
+                buf = self._encode_buffer
+                if buf is None:
+                    buf = self._encode_buffer = []
+                if data:
+                    buf.append(data)
+                self._encode_end = end_stream
+                return
+        self._write_response_data(data, end_stream)
+
+    def encode_trailers(self, trailers: Any) -> None:
+        # HTTP/1 responses carry no trailers downstream unless enabled; end the body.
+        self.encode_data(b"", True)
+
+    def continue_encoding(self) -> None:
+        i = self._encode_stopped
+        if i < 0 or self.destroyed:
+            return
+        self._encode_stopped = -1
+        filters = self.encoder_filters
+        headers = self._pending_response_headers
+        buf = self._encode_buffer
+        self._encode_buffer = None
+        data = b"".join(buf) if buf else b""
+        end = self._encode_end
+        if headers is not None and not self.response_started:
+            self._pending_response_headers = None
+            for j in range(i + 1, len(filters)):
+                status = filters[j].encode_headers(headers, end and not data)
+                if status != hf.CONTINUE:
+                    self._encode_stopped = j
+                    self._pending_response_headers = headers
+                    if data:
+                        self._encode_buffer = [data]
+                    return
+            self._write_response_headers(headers, end and not data)
+            if data or (end and not self.response_complete):
+                self._write_response_data(data, end)
+            return
+        for j in range(i + 1, len(filters)):
+            status = filters[j].encode_data(data, end)
+            if status != hf.CONTINUE:
+                self._encode_stopped = j
+                if data:
+                    self._encode_buffer = [data]
+                return
+        self._write_response_data(data, end)
+
+    # --- codec (HTTP/1 framing) ------------------------------------------------------------
+    def _write_response_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
+        cm = self.cm
+        config = cm.config
+        self.response_started = True
+        self.stream_info.response_code = status = headers.status
+        config.mutate_response_headers(headers, self)
+        hl = headers.headers
+        # Strip what the codec owns, then frame.
+        for h in hl:
+            if h[0] in _RESPONSE_STRIP:
+                headers.headers = hl = [x for x in hl if x[0] not in _RESPONSE_STRIP]
+                break
+        no_body = self.is_head or status == 204 or status == 304 or status < 200
+        if status == 204 or status == 304 or (status < 200):
+            headers.headers = hl = [x for x in hl if x[0] != b"content-length"]
+        elif not self.is_head and headers.get(b"content-length") is None:
+            if end_stream:
+                hl.append([b"content-length", b"0"])
+            elif self.version == 11:
+                self.chunked = True
+        close = self.close_connection or not self.keep_alive or cm.closing or cm.remote_closed
+        if not no_body and not end_stream and not self.chunked and headers.get(b"content-length") is None:
+            close = True  # HTTP/1.0 without length: delimited by close
+            self.close_connection = True
+        if self.chunked:
+            hl.append([b"transfer-encoding", b"chunked"])
+        if close:
+            self.close_connection = True
+            hl.append([b"connection", b"close"])
+        elif self.version == 10:
+            hl.append([b"connection", b"keep-alive"])
+        head = http1.encode_response_head(status, hl)
+        end = end_stream or (no_body and not self.chunked)
+        conn = cm.connection
+        self.cm.stats.downstream_cx_tx_bytes_total.value += len(head)
+        conn.write(head)
+        if end:
+            self._on_response_complete()
+
+    def _write_response_data(self, data: bytes, end_stream: bool) -> None:
+        if self.response_complete:
+            return
+        conn = self.cm.connection
+        n = len(data)
+        if n:
+            self.stream_info.bytes_sent += n
+            if self.is_head:
+                pass
+            elif self.chunked:
+                chunk = http1.encode_chunk(data)
+                self.cm.stats.downstream_cx_tx_bytes_total.value += len(chunk)
+                conn.write(chunk)
+            else:
+                self.cm.stats.downstream_cx_tx_bytes_total.value += n
+                conn.write(data)
+        if end_stream:
+            if self.chunked and not self.is_head:
+                conn.write(http1.LAST_CHUNK)
+            self._on_response_complete()
+
+    def _on_response_complete(self) -> None:
+        self.response_complete = True
+        self._finish()
+        self.cm.on_stream_complete(self)
+
+    # --- local replies ---------------------------------------------------------------
+    def send_local_reply(
+        self,
+        status: int,
+        body: str | bytes,
+        details: str = "",
+        flags: int = 0,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+        modify_headers: Any = None,
+    ) -> None:
+        """Envoy's local reply: text/plain body, content-length, through the encoder filters."""
+        if self.destroyed:
+            return
+        si = self.stream_info
+        if flags:
+            si.set_response_flag(flags)
+        if details:
+            si.response_code_details = details
+        if close:
+            self.close_connection = True
+        if self.response_started:
+            # Too late for a reply: reset (HTTP/1 closes the connection).
+            self.reset(remote=False)
+            self.cm.connection.close()
+            return
+        self.local_reply = True
+        b = body.encode() if isinstance(body, str) else body
+        hl: list[list[bytes]] = []
+        if b:
+            hl.append([b"content-length", str(len(b)).encode()])
+            hl.append([b"content-type", b"text/plain"])
+        rh = ResponseHeaders(status, hl)
+        if headers:
+            for n, v in headers:
+                rh.add(n, v)
+        if modify_headers is not None:
+            modify_headers(rh)
+        self._decode_stopped = -1
+        self.encode_headers(rh, not b)
+        if b:
+            self.encode_data(b, True)
+
+    # --- watermarks (back-pressure) -------------------------------------------------------
+    def on_decoder_filter_above_write_buffer_high_watermark(self) -> None:
+        """The upstream can't take more: stop reading the downstream."""
+        if not self._upstream_above:
+            self._upstream_above = True
+            self.cm.connection.read_disable(True)
+
+    def on_decoder_filter_below_write_buffer_low_watermark(self) -> None:
+        if self._upstream_above:
+            self._upstream_above = False
+            self.cm.connection.read_disable(False)
+
+    def add_downstream_watermark_callbacks(self, cb: Any) -> None:
+        self.watermark_callbacks.append(cb)
+        if self.cm.connection.above_high_watermark:
+            cb.on_above_write_buffer_high_watermark()
+
+    def remove_downstream_watermark_callbacks(self, cb: Any) -> None:
+        try:
+            self.watermark_callbacks.remove(cb)
+        except ValueError:
+            pass
+
+    @property
+    def connection(self) -> Connection:
+        return self.cm.connection
+
+    # --- end of stream ---------------------------------------------------------------------
+    def _on_request_timeout(self) -> None:
+        self._timer = None
+        if self.destroyed or self.request_complete:
+            return
+        self.cm.stats.downstream_rq_timeout.value += 1
+        self.send_local_reply(408, b"request timeout", "request_overall_timeout", close=True)
+
+    def reset_stream(self) -> None:
+        """A filter aborts the stream after the response started: HTTP/1 closes the connection."""
+        self.reset(remote=False)
+        self.cm.connection.close(flush=True)
+
+    def reset(self, remote: bool = True) -> None:
+        """Abort the stream: filters are told, the upstream request (if any) is cancelled."""
+        if self.destroyed:
+            return
+        s = self.cm.stats
+        if remote:
+            s.downstream_rq_rx_reset.value += 1
+        else:
+            s.downstream_rq_tx_reset.value += 1
+        self._finish()
+        if self.cm.stream is self:
+            self.cm.stream = None
+
+    def _finish(self) -> None:
+        if self.destroyed:
+            return
+        self.destroyed = True
+        t = self._timer
+        if t is not None:
+            t.cancel()
+        if self._upstream_above:
+            self._upstream_above = False
+            self.cm.connection.read_disable(False)
+        for f in self.decoder_filters:
+            f.on_destroy()
+        for f in self.encoder_filters:
+            if f not in self.decoder_filters:
+                f.on_destroy()
+        self.cm.config.on_stream_complete(self)
+
+
+_UNSET = object()

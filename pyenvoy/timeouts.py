@@ -1,0 +1,92 @@
+"""Cheap timeouts for the hot path.
+
+Strategy: most timeouts on the request path share a duration (every request on a route
+has the same 15 s route timeout), so deadlines added to one ``TimeoutQueue`` arrive in
+increasing order. A queue is a deque of entries plus at most one ``loop.call_later`` for
+its head: adding is an append, cancelling flips a flag, and no timer handle is created or
+cancelled per request. Queues are shared per event loop and duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+
+class Timeout:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback: Callable[[], Any]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.callback = _noop
+
+
+def _noop() -> None:
+    pass
+
+
+class TimeoutQueue:
+    __slots__ = ("loop", "seconds", "entries", "handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self.loop = loop
+        self.seconds = seconds
+        self.entries: deque[Timeout] = deque()
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, callback: Callable[[], Any]) -> Timeout:
+        t = Timeout(self.loop.time() + self.seconds, callback)
+        self.entries.append(t)
+        if self.handle is None:
+            self.handle = self.loop.call_at(t.deadline, self._fire)
+        return t
+
+    def _fire(self) -> None:
+        self.handle = None
+        entries = self.entries
+        now = self.loop.time()
+        while entries:
+            t = entries[0]
+            if t.cancelled:
+                entries.popleft()
+                continue
+            if t.deadline > now:
+                break
+            entries.popleft()
+            t.cancelled = True
+            try:
+                t.callback()
+            except Exception:  # a failing callback must not stop the others
+                import logging
+
+                logging.getLogger("pyenvoy.misc").exception("timeout callback failed")
+        # Skip cancelled heads so the next wake-up is for a live entry.
+        while entries and entries[0].cancelled:
+            entries.popleft()
+        if entries:
+            self.handle = self.loop.call_at(entries[0].deadline, self._fire)
+
+
+_queues: dict[tuple[int, float], TimeoutQueue] = {}
+
+
+def queue_for(seconds: float, loop: asyncio.AbstractEventLoop | None = None) -> TimeoutQueue:
+    """The shared queue for ``seconds`` on ``loop`` (the running loop by default)."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    key = (id(loop), seconds)
+    q = _queues.get(key)
+    if q is None or q.loop is not loop:
+        q = _queues[key] = TimeoutQueue(loop, seconds)
+    return q
+
+
+def add_timeout(seconds: float, callback: Callable[[], Any]) -> Timeout:
+    return queue_for(seconds).add(callback)

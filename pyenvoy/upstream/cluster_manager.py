@@ -1,0 +1,498 @@
+"""Clusters and the cluster manager.
+
+Strategy: each Cluster proto is compiled once into a ClusterInfo (immutable settings and
+bound stats) and a Cluster (the live host set). STATIC clusters know their hosts at build
+time; STRICT_DNS and LOGICAL_DNS resolve in ``initialize()`` (awaited before listeners
+open, as Envoy waits for its primary clusters) and then re-resolve every
+``dns_refresh_rate``. A host set change rebuilds the load balancer, so choosing a host is
+one list index on the hot path. Connection pools hang off each Host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from pyenvoy.config.errors import ConfigError
+from pyenvoy.stats import Scope, StatsStruct
+from pyenvoy.upstream.host import Host
+from pyenvoy.upstream.load_balancer import LB_POLICIES, LeastRequestLoadBalancer, LoadBalancer
+
+if TYPE_CHECKING:
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
+
+    from pyenvoy.stats import Store
+
+log = logging.getLogger("pyenvoy.upstream")
+
+DEFAULT_BUFFER_LIMIT = 1024 * 1024
+
+
+class ClusterStats(StatsStruct):
+    """``cluster.<name>.*`` (Envoy's ALL_CLUSTER_TRAFFIC_STATS and friends)."""
+
+    COUNTERS = (
+        "assignment_stale",
+        "assignment_timeout_received",
+        "bind_errors",
+        "lb_healthy_panic",
+        "lb_local_cluster_not_ok",
+        "lb_recalculate_zone_structures",
+        "lb_zone_cluster_too_small",
+        "lb_zone_no_capacity_left",
+        "lb_zone_number_differs",
+        "lb_zone_routing_all_directly",
+        "lb_zone_routing_cross_zone",
+        "lb_zone_routing_sampled",
+        "membership_change",
+        "original_dst_host_invalid",
+        "retry_or_shadow_abandoned",
+        "update_attempt",
+        "update_empty",
+        "update_failure",
+        "update_no_rebuild",
+        "update_success",
+        "upstream_cx_close_notify",
+        "upstream_cx_connect_attempts_exceeded",
+        "upstream_cx_connect_fail",
+        "upstream_cx_connect_timeout",
+        "upstream_cx_connect_with_0_rtt",
+        "upstream_cx_destroy",
+        "upstream_cx_destroy_local",
+        "upstream_cx_destroy_local_with_active_rq",
+        "upstream_cx_destroy_remote",
+        "upstream_cx_destroy_remote_with_active_rq",
+        "upstream_cx_destroy_with_active_rq",
+        "upstream_cx_http1_total",
+        "upstream_cx_http2_total",
+        "upstream_cx_http3_total",
+        "upstream_cx_idle_timeout",
+        "upstream_cx_max_duration_reached",
+        "upstream_cx_max_requests",
+        "upstream_cx_none_healthy",
+        "upstream_cx_overflow",
+        "upstream_cx_pool_overflow",
+        "upstream_cx_protocol_error",
+        "upstream_cx_rx_bytes_total",
+        "upstream_cx_total",
+        "upstream_cx_tx_bytes_total",
+        "upstream_flow_control_backed_up_total",
+        "upstream_flow_control_drained_total",
+        "upstream_flow_control_paused_reading_total",
+        "upstream_flow_control_resumed_reading_total",
+        "upstream_http3_broken",
+        "upstream_internal_redirect_failed_total",
+        "upstream_internal_redirect_succeeded_total",
+        "upstream_rq_0rtt",
+        "upstream_rq_cancelled",
+        "upstream_rq_completed",
+        "upstream_rq_maintenance_mode",
+        "upstream_rq_max_duration_reached",
+        "upstream_rq_pending_failure_eject",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_pending_total",
+        "upstream_rq_per_try_idle_timeout",
+        "upstream_rq_per_try_timeout",
+        "upstream_rq_retry",
+        "upstream_rq_retry_backoff_exponential",
+        "upstream_rq_retry_backoff_ratelimited",
+        "upstream_rq_retry_limit_exceeded",
+        "upstream_rq_retry_overflow",
+        "upstream_rq_retry_success",
+        "upstream_rq_rx_reset",
+        "upstream_rq_timeout",
+        "upstream_rq_total",
+        "upstream_rq_tx_reset",
+    )
+    GAUGES = (
+        "lb_subsets_active",
+        "max_host_weight",
+        "membership_degraded",
+        "membership_excluded",
+        "membership_healthy",
+        "membership_total",
+        "upstream_cx_active",
+        "upstream_cx_rx_bytes_buffered",
+        "upstream_cx_tx_bytes_buffered",
+        "upstream_rq_active",
+        "upstream_rq_pending_active",
+        "version",
+    )
+    HISTOGRAMS = ("upstream_cx_connect_ms", "upstream_cx_length_ms")
+
+    def __init__(self, scope: Scope) -> None:
+        super().__init__(scope)
+        self._codes: dict[int, Any] = {}
+        self._classes = [scope.counter(f"upstream_rq_{i}xx") for i in range(6)]
+        # Created at first use (like Envoy, which creates upstream_rq_time on first request).
+        self._rq_time: Any = None
+
+    def record_response(self, status: int, rq_time_ms: float) -> None:
+        """Per-response-code counters and the request time histogram."""
+        c = self._codes.get(status)
+        if c is None:
+            c = self._codes[status] = self.scope.counter(f"upstream_rq_{status}")
+        c.value += 1
+        cls = status // 100
+        if 1 <= cls <= 5:
+            self._classes[cls].value += 1
+        self.upstream_rq_completed.value += 1
+        h = self._rq_time
+        if h is None:
+            h = self._rq_time = self.scope.histogram("upstream_rq_time")
+        h.record(rq_time_ms)
+
+
+DEFAULT_CIRCUIT_BREAKERS = [("default", 1024, 1024, 1024, 3), ("high", 1024, 1024, 1024, 3)]
+
+
+def _duration(d: Any, default: float) -> float:
+    """google.protobuf.Duration -> seconds (default when unset)."""
+    if d is None:
+        return default
+    return d.seconds + d.nanos / 1e9
+
+
+class ClusterInfo:
+    """Immutable settings of one cluster, compiled from its proto."""
+
+    def __init__(self, proto: ClusterProto, stats_store: Scope, path: str) -> None:
+        self.proto = proto
+        self.name = proto.name
+        self.path = path
+        self.observability_name = proto.alt_stat_name or proto.name
+        self.added_via_api = False
+        self.connect_timeout = _duration(
+            proto.connect_timeout if proto.HasField("connect_timeout") else None, 5.0
+        )
+        self.per_connection_buffer_limit_bytes = (
+            proto.per_connection_buffer_limit_bytes.value
+            if proto.HasField("per_connection_buffer_limit_bytes")
+            else DEFAULT_BUFFER_LIMIT
+        )
+        self.stats = ClusterStats(stats_store.scope(f"cluster.{self.observability_name}"))
+        self.max_requests_per_connection = 0
+        self.idle_timeout = 3600.0
+        self.upstream_http2 = False
+        self._read_protocol_options(proto, path)
+        self.circuit_breakers = list(DEFAULT_CIRCUIT_BREAKERS)
+        if proto.HasField("circuit_breakers"):
+            prios = {0: "default", 1: "high"}
+            cbs = {p[0]: p for p in DEFAULT_CIRCUIT_BREAKERS}
+            for t in proto.circuit_breakers.thresholds:
+                name = prios.get(t.priority, "default")
+                cbs[name] = (
+                    name,
+                    t.max_connections.value if t.HasField("max_connections") else 1024,
+                    t.max_pending_requests.value if t.HasField("max_pending_requests") else 1024,
+                    t.max_requests.value if t.HasField("max_requests") else 1024,
+                    t.max_retries.value if t.HasField("max_retries") else 3,
+                )
+            self.circuit_breakers = [cbs["default"], cbs["high"]]
+        for cb in self.circuit_breakers:
+            scope = stats_store.scope(f"cluster.{self.observability_name}.circuit_breakers.{cb[0]}")
+            for g in ("cx_open", "cx_pool_open", "rq_open", "rq_pending_open", "rq_retry_open"):
+                scope.gauge(g)
+            for g in ("remaining_cx", "remaining_pending", "remaining_retries", "remaining_rq"):
+                scope.gauge(g)
+
+    def _read_protocol_options(self, proto: ClusterProto, path: str) -> None:
+        from pyenvoy.config import unpack_any
+
+        if proto.HasField("max_requests_per_connection"):
+            self.max_requests_per_connection = proto.max_requests_per_connection.value
+        if proto.HasField("common_http_protocol_options"):
+            self._common_options(proto.common_http_protocol_options)
+        if proto.HasField("http2_protocol_options"):
+            self.upstream_http2 = True
+        key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        if key in proto.typed_extension_protocol_options:
+            opts = unpack_any(
+                proto.typed_extension_protocol_options[key],
+                f"{path}.typed_extension_protocol_options['{key}']",
+            )
+            if opts.HasField("common_http_protocol_options"):
+                self._common_options(opts.common_http_protocol_options)
+            if opts.HasField("explicit_http_config"):
+                if opts.explicit_http_config.HasField("http2_protocol_options"):
+                    self.upstream_http2 = True
+                elif opts.explicit_http_config.HasField("http3_protocol_options"):
+                    raise ConfigError(
+                        "upstream HTTP/3 is not supported by pyenvoy",
+                        f"{path}.typed_extension_protocol_options",
+                    )
+            elif opts.HasField("use_downstream_protocol_config") or opts.HasField(
+                "auto_config"
+            ):
+                pass  # HTTP/1.1 upstream is what pyenvoy speaks today
+        for k in proto.typed_extension_protocol_options:
+            if k != key:
+                raise ConfigError(
+                    f"{k} is not supported by pyenvoy", f"{path}.typed_extension_protocol_options"
+                )
+
+    def _common_options(self, c: Any) -> None:
+        if c.HasField("idle_timeout"):
+            self.idle_timeout = _duration(c.idle_timeout, 3600.0)
+        if c.HasField("max_requests_per_connection"):
+            self.max_requests_per_connection = c.max_requests_per_connection.value
+
+
+class Cluster:
+    """The live side of a cluster: hosts, healthy hosts and the load balancer."""
+
+    def __init__(self, info: ClusterInfo, path: str) -> None:
+        self.info = info
+        proto = info.proto
+        self.type = proto.DiscoveryType.Name(proto.type)
+        if proto.HasField("cluster_type"):
+            raise ConfigError(
+                f"cluster_type {proto.cluster_type.name} is not supported by pyenvoy",
+                f"{path}.cluster_type",
+            )
+        if self.type not in ("STATIC", "STRICT_DNS", "LOGICAL_DNS"):
+            raise ConfigError(
+                f"cluster type {self.type} is not supported by pyenvoy yet", f"{path}.type"
+            )
+        if proto.HasField("load_balancing_policy"):
+            raise ConfigError(
+                "load_balancing_policy is not supported by pyenvoy yet; use lb_policy",
+                f"{path}.load_balancing_policy",
+            )
+        self.lb_policy = proto.LbPolicy.Name(proto.lb_policy)
+        if self.lb_policy not in LB_POLICIES:
+            raise ConfigError(
+                f"lb_policy {self.lb_policy} is not supported by pyenvoy yet", f"{path}.lb_policy"
+            )
+        self._lb_class = LB_POLICIES[self.lb_policy]
+        self.choice_count = 2
+        if proto.HasField("least_request_lb_config") and proto.least_request_lb_config.HasField(
+            "choice_count"
+        ):
+            self.choice_count = proto.least_request_lb_config.choice_count.value
+        self.dns_refresh_rate = _duration(
+            proto.dns_refresh_rate if proto.HasField("dns_refresh_rate") else None, 5.0
+        )
+        self.dns_family = proto.DnsLookupFamily.Name(proto.dns_lookup_family)
+        # (hostname, port, weight, priority) per configured endpoint
+        self.endpoints: list[tuple[str, int, int, int]] = []
+        la = proto.load_assignment
+        if la.cluster_name and la.cluster_name != proto.name and self.type != "STATIC":
+            pass  # Envoy ignores the name for static/DNS clusters
+        for pi, locality in enumerate(la.endpoints):
+            for ei, lbe in enumerate(locality.lb_endpoints):
+                epath = f"{path}.load_assignment.endpoints[{pi}].lb_endpoints[{ei}]"
+                if not lbe.HasField("endpoint"):
+                    raise ConfigError("only endpoint entries are supported", epath)
+                sa = lbe.endpoint.address.socket_address
+                if not lbe.endpoint.address.HasField("socket_address"):
+                    raise ConfigError("endpoint address must be a socket_address", epath)
+                if sa.protocol != 0:
+                    raise ConfigError("only TCP endpoints are supported", f"{epath}.endpoint")
+                if sa.WhichOneof("port_specifier") != "port_value":
+                    raise ConfigError("named ports are not supported", f"{epath}.endpoint")
+                weight = lbe.load_balancing_weight.value if lbe.HasField("load_balancing_weight") else 1
+                if self.type == "STATIC":
+                    try:
+                        socket.inet_pton(socket.AF_INET6 if ":" in sa.address else socket.AF_INET, sa.address)
+                    except OSError:
+                        raise ConfigError(
+                            f"malformed IP address: {sa.address}. Consider setting resolver_name or "
+                            "setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'",
+                            f"{epath}.endpoint.address",
+                        ) from None
+                self.endpoints.append((sa.address, sa.port_value, weight, locality.priority))
+        if self.type == "LOGICAL_DNS" and len(self.endpoints) != 1:
+            raise ConfigError(
+                "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
+                f"{path}.load_assignment",
+            )
+        self.hosts: list[Host] = []
+        self.healthy_hosts: list[Host] = []
+        self.lb: LoadBalancer = self._lb_class([])
+        self._refresh_handle: asyncio.TimerHandle | None = None
+        self._resolving: asyncio.Task[None] | None = None
+        self.health_checker: Any = None
+        if self.type == "STATIC":
+            self.set_hosts(
+                [Host((a, p), info, hostname="", weight=w, priority=pr) for a, p, w, pr in self.endpoints]
+            )
+
+    # --- host set -------------------------------------------------------------------------
+    def set_hosts(self, hosts: list[Host]) -> None:
+        """Replace the host set, keeping Host objects (and their health) that stay."""
+        old = {(h.address, h.hostname): h for h in self.hosts}
+        new: list[Host] = []
+        for h in hosts:
+            keep = old.pop((h.address, h.hostname), None)
+            if keep is not None:
+                keep.weight = h.weight
+                new.append(keep)
+            else:
+                new.append(h)
+        for gone in old.values():
+            pool = gone.http_pool
+            if pool is not None:
+                pool.drain()
+        changed = [id(h) for h in new] != [id(h) for h in self.hosts]
+        self.hosts = new
+        if changed:
+            self.info.stats.membership_change.inc()
+        self.refresh_health()
+
+    def refresh_health(self) -> None:
+        """Recompute the healthy set and the load balancer (call after a health change)."""
+        stats = self.info.stats
+        # Only the highest-priority level that has healthy hosts takes traffic (no spillover
+        # maths yet: priorities arrive with the traffic-management issue).
+        healthy = [h for h in self.hosts if not h.health_flags]
+        if healthy:
+            top = min(h.priority for h in healthy)
+            healthy = [h for h in healthy if h.priority == top]
+        self.healthy_hosts = healthy
+        stats.membership_total.set(len(self.hosts))
+        stats.membership_healthy.set(len([h for h in self.hosts if not h.health_flags]))
+        stats.max_host_weight.set(max((h.weight for h in self.hosts), default=0))
+        if self._lb_class is LeastRequestLoadBalancer:
+            self.lb = LeastRequestLoadBalancer(healthy, self.choice_count)
+        else:
+            self.lb = self._lb_class(healthy)
+
+    def choose_host(self, context: Any = None) -> Host | None:
+        return self.lb.choose_host(context)
+
+    # --- DNS ----------------------------------------------------------------------------
+    async def initialize(self) -> None:
+        if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
+            await self._resolve()
+            self._schedule_refresh()
+        if self.health_checker is not None:
+            self.health_checker.start()
+
+    def _schedule_refresh(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._refresh_handle = loop.call_later(self.dns_refresh_rate, self._refresh)
+
+    def _refresh(self) -> None:
+        async def run() -> None:
+            try:
+                await self._resolve()
+            finally:
+                self._schedule_refresh()
+
+        self._resolving = asyncio.get_running_loop().create_task(run())
+
+    async def _resolve(self) -> None:
+        loop = asyncio.get_running_loop()
+        stats = self.info.stats
+        hosts: list[Host] = []
+        failed = False
+        for name, port, weight, prio in self.endpoints:
+            stats.update_attempt.inc()
+            try:
+                addrs = await self._lookup(loop, name, port)
+            except OSError as e:
+                log.warning("cluster %s: DNS resolution of %s failed: %s", self.info.name, name, e)
+                stats.update_failure.inc()
+                failed = True
+                continue
+            stats.update_success.inc()
+            if self.type == "LOGICAL_DNS":
+                addrs = addrs[:1]
+            for a in addrs:
+                hosts.append(Host((a, port), self.info, hostname=name, weight=weight, priority=prio))
+        if failed and not hosts and self.hosts:
+            return  # keep the last good answer
+        self.set_hosts(hosts)
+
+    async def _lookup(self, loop: asyncio.AbstractEventLoop, name: str, port: int) -> list[str]:
+        fam = self.dns_family
+        family = {"V4_ONLY": socket.AF_INET, "V6_ONLY": socket.AF_INET6}.get(fam, socket.AF_UNSPEC)
+        infos = await loop.getaddrinfo(name, port, family=family, type=socket.SOCK_STREAM)
+        v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
+        v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+        if fam == "AUTO":  # Envoy: prefer IPv6, fall back to IPv4
+            ordered = v6 or v4
+        elif fam == "V4_PREFERRED":
+            ordered = v4 or v6
+        elif fam == "ALL":
+            ordered = v4 + v6
+        else:
+            ordered = v4 + v6
+        seen: list[str] = []
+        for a in ordered:
+            if a not in seen:
+                seen.append(a)
+        if not seen:
+            raise OSError(f"no addresses for {name}")
+        return seen
+
+    def close(self) -> None:
+        if self._refresh_handle is not None:
+            self._refresh_handle.cancel()
+        if self._resolving is not None:
+            self._resolving.cancel()
+        if self.health_checker is not None:
+            self.health_checker.stop()
+        for h in self.hosts:
+            if h.http_pool is not None:
+                h.http_pool.close()
+
+
+class ClusterManagerStats(StatsStruct):
+    COUNTERS = (
+        "cluster_added",
+        "cluster_modified",
+        "cluster_removed",
+        "cluster_updated",
+        "cluster_updated_via_merge",
+        "update_merge_cancelled",
+        "update_out_of_merge_window",
+    )
+    GAUGES = ("active_clusters", "warming_clusters")
+
+
+class ClusterManager:
+    """All clusters of one config snapshot, by name."""
+
+    def __init__(self, cluster_protos: Any, stats: Store, path: str = "static_resources.clusters") -> None:
+        self.stats_store = stats
+        self.stats = ClusterManagerStats(stats.scope("cluster_manager"))
+        self.clusters: dict[str, Cluster] = {}
+        for i, proto in enumerate(cluster_protos):
+            cpath = f"{path}[{i}]"
+            if proto.name in self.clusters:
+                raise ConfigError(f"cluster manager: duplicate cluster '{proto.name}'", cpath)
+            info = ClusterInfo(proto, stats, cpath)
+            cluster = Cluster(info, cpath)
+            if len(proto.health_checks):
+                from pyenvoy.upstream.health_check import make_health_checker
+
+                cluster.health_checker = make_health_checker(cluster, proto.health_checks, f"{cpath}.health_checks")
+            self.clusters[proto.name] = cluster
+            self.stats.cluster_added.inc()
+        self.stats.active_clusters.set(len(self.clusters))
+
+    def get(self, name: str) -> Cluster | None:
+        return self.clusters.get(name)
+
+    def has_cluster(self, name: str) -> bool:
+        return name in self.clusters
+
+    async def initialize(self) -> None:
+        """Resolve DNS clusters and start health checks (before listeners open)."""
+        await asyncio.gather(*(c.initialize() for c in self.clusters.values()))
+
+    def http_conn_pool(self, host: Host) -> Any:
+        pool = host.http_pool
+        if pool is None:
+            from pyenvoy.upstream.conn_pool import Http1ConnPool
+
+            pool = host.http_pool = Http1ConnPool(host, host.cluster)  # type: ignore[arg-type]
+        return pool
+
+    def close(self) -> None:
+        for c in self.clusters.values():
+            c.close()
