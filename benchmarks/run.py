@@ -423,6 +423,9 @@ class Proxy:
 def admin_counters(admin_port: int) -> dict[str, int]:
     """A few sanity counters from the admin /stats endpoint (empty if unavailable)."""
     wanted = (
+        "http.bench_http.downstream_cx_total",
+        "http.bench_http.downstream_rq_total",
+        "tcp.bench_tcp.downstream_cx_total",
         "cluster.nginx.upstream_cx_total",
         "cluster.nginx.upstream_rq_total",
         "cluster.tcp_sink.upstream_cx_total",

@@ -90,11 +90,10 @@ class AccessLogger:
         if self.json_fields is not None:
             out = {}
             for k, f in self.json_fields.items():
-                v = f.format(stream_info, request_headers, response_headers)
-                out[k] = v
-            line = (json.dumps(out) + "\n").encode()
+                out[k] = f.format(stream_info, request_headers, response_headers)
+            line = (json.dumps(out) + "\n").encode("utf-8", "surrogateescape")
         else:
-            line = self.text.format(stream_info, request_headers, response_headers).encode()
+            line = self.text.format_bytes(stream_info, request_headers, response_headers)
         self.sink.write(line)
 
 

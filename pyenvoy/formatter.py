@@ -17,13 +17,15 @@ pyenvoy cannot produce yet are rejected by name rather than rendered wrongly.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import socket
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Any
 
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.http.headers import HeaderMap, RequestHeaders, ResponseHeaders
@@ -208,7 +210,7 @@ class Formatter:
         self,
         format_string: str,
         literals: tuple[bytes, ...],
-        providers: tuple[Provider, ...],
+        providers: tuple[tuple[Any, bool], ...],
         omit_empty_values: bool,
     ) -> None:
         self.format_string = format_string
@@ -243,10 +245,17 @@ class Formatter:
         out = [literals[0]]
         append = out.append
         i = 1
-        for provider in providers:
-            value = provider(
-                stream_info, request_headers, response_headers, response_trailers, local_reply_body
-            )
+        for provider, stream_info_only in providers:
+            if stream_info_only:
+                value = provider(stream_info)
+            else:
+                value = provider(
+                    stream_info,
+                    request_headers,
+                    response_headers,
+                    response_trailers,
+                    local_reply_body,
+                )
             append(empty if value is None else value)
             append(literals[i])
             i += 1
@@ -276,7 +285,7 @@ def compile_format(fmt: str, omit_empty_values: bool = False, path: str = "") ->
     Raises ConfigError (with ``path``) for anything Envoy would reject or pyenvoy cannot do.
     """
     literals: list[bytes] = []
-    providers: list[Provider] = []
+    providers: list[tuple[Any, bool]] = []
     token: list[str] = []
     pos = 0
     n = len(fmt)
@@ -304,7 +313,10 @@ def compile_format(fmt: str, omit_empty_values: bool = False, path: str = "") ->
             raise ConfigError(e.message, path) from None
         literals.append("".join(token).encode("utf-8", "surrogateescape"))
         token = []
-        providers.append(provider)
+        if isinstance(provider, _StreamInfoOnly):
+            providers.append((provider.fn, True))
+        else:
+            providers.append((provider, False))
         pos = m.end()
     literals.append("".join(token).encode("utf-8", "surrogateescape"))
     return Formatter(fmt, tuple(literals), tuple(providers), omit_empty_values)
@@ -335,20 +347,51 @@ def _parse_header_names(arg: str) -> tuple[bytes, bytes]:
     alt = parts[1].lower() if len(parts) == 2 else ""
     for name in (main, alt):
         if name and not _HEADER_NAME_RE.match(name):
-            raise ConfigError("Invalid header configuration. Format string contains invalid characters.")
+            raise ConfigError(
+                "Invalid header configuration. Format string contains invalid characters."
+            )
     return main.encode(), alt.encode()
+
+
+_PSEUDO_ATTRS = {
+    b":method": "method",
+    b":path": "path",
+    b":scheme": "scheme",
+    b":authority": "authority",
+    b"host": "authority",
+}
+
+
+def _find_header(headers: Any, name: bytes, which: int) -> bytes | None:
+    if which == 0:
+        attr = _PSEUDO_ATTRS.get(name)
+        if attr is not None:
+            return getattr(headers, attr) or None
+    elif which == 1 and name == b":status":
+        return str(headers.status).encode()
+    for h in headers.headers:
+        if h[0] == name:
+            return h[1]  # type: ignore[no-any-return]
+    return None
 
 
 def _header_provider(which: int, arg: str, max_length: int | None) -> Provider:
     main, alt = _parse_header_names(arg)
+    main_attr = _PSEUDO_ATTRS.get(main) if which == 0 else None
+    if main_attr is not None and not alt and max_length is None:
+        # The common %REQ(:METHOD)% / %REQ(:AUTHORITY)% case: one attribute read.
+        def pseudo(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
+            return None if req is None else getattr(req, main_attr) or None
+
+        return pseudo
 
     def provide(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
         headers = req if which == 0 else resp if which == 1 else trailers
         if headers is None:
             return None
-        value = headers.get(main)
+        value = _find_header(headers, main, which)
         if value is None and alt:
-            value = headers.get(alt)
+            value = _find_header(headers, alt, which)
         if value is None:
             return None
         return value if max_length is None else value[:max_length]
@@ -373,26 +416,33 @@ def _addr_port(addr: tuple[str, int] | None) -> bytes | None:
     return str(addr[1]).encode() if addr else None
 
 
-def _address_provider(getter: Callable[[StreamInfo], tuple[str, int] | None], kind: int) -> Provider:
+class _StreamInfoOnly:
+    """Marks a provider that only reads the StreamInfo: called as ``fn(stream_info)``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[StreamInfo], bytes | None]) -> None:
+        self.fn = fn
+
+
+def _address_provider(attr: str, kind: int) -> _StreamInfoOnly:
     render = (_addr_with_port, _addr_without_port, _addr_port)[kind]
-
-    def provide(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
-        return render(getter(si))
-
-    return provide
+    get = operator.attrgetter(attr)
+    return _StreamInfoOnly(lambda si: render(get(si)))
 
 
-def _duration_provider(
-    start: Callable[[StreamInfo], float | None], end: Callable[[StreamInfo], float | None]
-) -> Provider:
-    def provide(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
-        b = start(si)
-        e = end(si)
+def _duration_provider(start_attr: str, end_attr: str) -> _StreamInfoOnly:
+    get_start = operator.attrgetter(start_attr)
+    get_end = operator.attrgetter(end_attr)
+
+    def provide(si: StreamInfo) -> bytes | None:
+        b = get_start(si)
+        e = get_end(si)
         if b is None or e is None:
             return None
         return str(int((e - b) * 1000)).encode()
 
-    return provide
+    return _StreamInfoOnly(provide)
 
 
 class _TimeFormat:
@@ -411,12 +461,12 @@ class _TimeFormat:
     # Segment kinds: 0 strftime chunk, 1 fraction digits, 2 seconds + fraction, 3 epoch.
     def __init__(self, fmt: str, local: bool) -> None:
         self._local = local
-        segments: list[tuple[int, str | int]] = []
+        segments: list[tuple[int, str, int]] = []
         chunk: list[str] = []
 
         def flush() -> None:
             if chunk:
-                segments.append((0, "".join(chunk)))
+                segments.append((0, "".join(chunk), 0))
                 chunk.clear()
 
         pos = 0
@@ -429,16 +479,16 @@ class _TimeFormat:
                 chunk.append("%%")
             elif whole.endswith("f") and e_digits is None and conv is None:
                 flush()
-                segments.append((1, int(f_digits) if f_digits else 9))
+                segments.append((1, "", int(f_digits) if f_digits else 9))
             elif e_digits is not None:
                 flush()
                 digits = 9 if e_digits == "*" else int(e_digits)
-                segments.append((2 if e_kind == "S" else 1, digits))
+                segments.append((2 if e_kind == "S" else 1, "", digits))
             elif whole == "%Ez":
                 chunk.append("%z" if local else "+00:00")
             elif conv == "s":
                 flush()
-                segments.append((3, 0))
+                segments.append((3, "", 0))
             elif conv == "%":
                 chunk.append("%%")
             elif conv == "z" and not local:
@@ -461,76 +511,90 @@ class _TimeFormat:
         st = time.localtime(sec) if self._local else time.gmtime(sec)
         if sec != self._cache_sec:
             self._cache = tuple(
-                time.strftime(arg, st) if kind == 0 else "" for kind, arg in self._segments  # type: ignore[arg-type]
+                time.strftime(text, st) if kind == 0 else "" for kind, text, _ in self._segments
             )
             self._cache_sec = sec
         nanos = f"{frac_us * 1000:09d}"
         out = []
-        for (kind, arg), cached in zip(self._segments, self._cache, strict=True):
+        for (kind, _, digits), cached in zip(self._segments, self._cache, strict=True):
             if kind == 0:
                 out.append(cached)
             elif kind == 1:
-                out.append(nanos[:arg])  # type: ignore[misc]
+                out.append(nanos[:digits])
             elif kind == 2:
                 secs = f"{st.tm_sec:02d}"
-                out.append(f"{secs}.{nanos[:arg]}" if arg else secs)  # type: ignore[misc]
+                out.append(f"{secs}.{nanos[:digits]}" if digits else secs)
             else:
                 out.append(str(sec))
         return "".join(out).encode()
 
 
 class _DefaultTime:
-    """``2026-11-22T02:16:43.050Z``: Envoy's AccessLogDateTimeFormatter (UTC, milliseconds)."""
+    """``2026-11-22T02:16:43.050Z``: Envoy's AccessLogDateTimeFormatter (UTC, milliseconds).
 
-    __slots__ = ("_sec", "_prefix", "_local")
+    Caches the last second's prefix and the last millisecond's whole value.
+    """
+
+    __slots__ = ("_sec", "_prefix", "_local", "_ms", "_out")
 
     def __init__(self, local: bool) -> None:
         self._sec = -1
-        self._prefix = ""
+        self._prefix = b""
         self._local = local
+        self._ms = -1
+        self._out = b""
 
     def render(self, t: float) -> bytes:
         millis = int(t * 1000)
+        if millis == self._ms:
+            return self._out
         sec, ms = divmod(millis, 1000)
         if sec != self._sec:
             if self._local:
                 dt = datetime.fromtimestamp(sec).astimezone()
-                self._prefix = dt.strftime("%Y-%m-%dT%H:%M:%S")
+                self._prefix = dt.strftime("%Y-%m-%dT%H:%M:%S").encode()
             else:
-                self._prefix = datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+                self._prefix = (
+                    datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode()
+                )
             self._sec = sec
         if self._local:
-            offset = datetime.fromtimestamp(sec).astimezone().strftime("%z")
-            return f"{self._prefix}.{ms:03d}{offset}".encode()
-        return f"{self._prefix}.{ms:03d}Z".encode()
+            offset = datetime.fromtimestamp(sec).astimezone().strftime("%z").encode()
+            out = b"%s.%03d%s" % (self._prefix, ms, offset)
+        else:
+            out = b"%s.%03dZ" % (self._prefix, ms)
+        self._ms = millis
+        self._out = out
+        return out
 
 
-def _time_provider(arg: str, getter: Callable[[StreamInfo], float | None], local: bool) -> Provider:
+def _time_provider(
+    arg: str, getter: Callable[[StreamInfo], float | None], local: bool
+) -> _StreamInfoOnly:
     if re.search(r"%[-_0^#]*[1-9]*(E|O)?n", arg):
         raise ConfigError("Invalid header configuration. Format string contains newline.")
-    renderer: _TimeFormat | _DefaultTime = _DefaultTime(local) if not arg else _TimeFormat(arg, local)
+    renderer: _TimeFormat | _DefaultTime = (
+        _DefaultTime(local) if not arg else _TimeFormat(arg, local)
+    )
     render = renderer.render
 
-    def provide(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
+    def provide(si: StreamInfo) -> bytes | None:
         t = getter(si)
         return None if t is None else render(t)
 
-    return provide
+    return _StreamInfoOnly(provide)
 
 
-def _simple(fn: Callable[[StreamInfo], bytes | None]) -> Provider:
-    def provide(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
-        return fn(si)
-
-    return provide
+def _simple(fn: Callable[[StreamInfo], bytes | None]) -> _StreamInfoOnly:
+    return _StreamInfoOnly(fn)
 
 
 def _opt_str(value: str | None) -> bytes | None:
     return value.encode() if value else None
 
 
-def _response_code_details(allow_whitespace: bool) -> Provider:
-    def provide(si, req, resp, trailers, body):  # type: ignore[no-untyped-def]
+def _response_code_details(allow_whitespace: bool) -> _StreamInfoOnly:
+    def provide(si: StreamInfo) -> bytes | None:
         details = si.response_code_details
         if not details:
             return None
@@ -538,7 +602,7 @@ def _response_code_details(allow_whitespace: bool) -> Provider:
             details = re.sub(r"\s", "_", details)
         return details.encode()
 
-    return provide
+    return _StreamInfoOnly(provide)
 
 
 def _environment(arg: str, max_length: int | None) -> Provider:
@@ -567,11 +631,7 @@ def _local_reply_body(si, req, resp, trailers, body):  # type: ignore[no-untyped
     return body
 
 
-def _start(si: StreamInfo) -> float | None:
-    return si.start_monotonic
-
-
-def _build_provider(command: str, arg: str, max_length: int | None) -> Provider:
+def _build_provider(command: str, arg: str, max_length: int | None) -> Provider | _StreamInfoOnly:
     entry = _COMMANDS.get(command)
     if entry is None:
         if command in _ENVOY_ONLY_COMMANDS:
@@ -582,10 +642,10 @@ def _build_provider(command: str, arg: str, max_length: int | None) -> Provider:
     return factory(arg, max_length)
 
 
-_Factory = Callable[[str, "int | None"], Provider]
+_Factory = Callable[[str, "int | None"], "Provider | _StreamInfoOnly"]
 
 
-def _const(provider: Provider) -> _Factory:
+def _const(provider: Provider | _StreamInfoOnly) -> _Factory:
     return lambda arg, max_length: provider
 
 
@@ -594,31 +654,39 @@ _COMMANDS: dict[str, tuple[int, _Factory]] = {
     "RESP": (_PARAMS_REQUIRED | _LENGTH_ALLOWED, lambda a, n: _header_provider(1, a, n)),
     "TRAILER": (_PARAMS_REQUIRED | _LENGTH_ALLOWED, lambda a, n: _header_provider(2, a, n)),
     "LOCAL_REPLY_BODY": (_COMMAND_ONLY, _const(_local_reply_body)),
-    "START_TIME": (_PARAMS_OPTIONAL, lambda a, n: _time_provider(a, lambda si: si.start_time, False)),
-    "START_TIME_LOCAL": (_PARAMS_OPTIONAL, lambda a, n: _time_provider(a, lambda si: si.start_time, True)),
+    "START_TIME": (
+        _PARAMS_OPTIONAL,
+        lambda a, n: _time_provider(a, lambda si: si.start_time, False),
+    ),
+    "START_TIME_LOCAL": (
+        _PARAMS_OPTIONAL,
+        lambda a, n: _time_provider(a, lambda si: si.start_time, True),
+    ),
     "EMIT_TIME": (_PARAMS_OPTIONAL, lambda a, n: _time_provider(a, lambda si: time.time(), False)),
-    "EMIT_TIME_LOCAL": (_PARAMS_OPTIONAL, lambda a, n: _time_provider(a, lambda si: time.time(), True)),
+    "EMIT_TIME_LOCAL": (
+        _PARAMS_OPTIONAL,
+        lambda a, n: _time_provider(a, lambda si: time.time(), True),
+    ),
     "DURATION": (_COMMAND_ONLY, _const(_simple(lambda si: str(si.duration_ms()).encode()))),
     "REQUEST_DURATION": (
         _COMMAND_ONLY,
-        _const(_duration_provider(_start, lambda si: si.request_complete_monotonic)),
+        _const(_duration_provider("start_monotonic", "request_complete_monotonic")),
     ),
     "RESPONSE_DURATION": (
         _COMMAND_ONLY,
-        _const(_duration_provider(_start, lambda si: si.first_upstream_rx_monotonic)),
+        _const(_duration_provider("start_monotonic", "first_upstream_rx_monotonic")),
     ),
     "RESPONSE_TX_DURATION": (
         _COMMAND_ONLY,
-        _const(
-            _duration_provider(
-                lambda si: si.first_upstream_rx_monotonic, lambda si: si.last_downstream_tx_monotonic
-            )
-        ),
+        _const(_duration_provider("first_upstream_rx_monotonic", "last_downstream_tx_monotonic")),
     ),
     "BYTES_RECEIVED": (_COMMAND_ONLY, _const(_simple(lambda si: str(si.bytes_received).encode()))),
     "BYTES_SENT": (_COMMAND_ONLY, _const(_simple(lambda si: str(si.bytes_sent).encode()))),
     "PROTOCOL": (_COMMAND_ONLY, _const(_simple(lambda si: _opt_str(si.protocol)))),
-    "RESPONSE_CODE": (_COMMAND_ONLY, _const(_simple(lambda si: str(si.response_code or 0).encode()))),
+    "RESPONSE_CODE": (
+        _COMMAND_ONLY,
+        _const(_simple(lambda si: str(si.response_code or 0).encode())),
+    ),
     "RESPONSE_CODE_DETAILS": (
         _PARAMS_OPTIONAL,
         lambda a, n: _response_code_details(a == "ALLOW_WHITESPACES"),
@@ -631,34 +699,45 @@ _COMMANDS: dict[str, tuple[int, _Factory]] = {
         _COMMAND_ONLY,
         _const(_simple(lambda si: format_response_flags_long(si.response_flags).encode())),
     ),
-    "UPSTREAM_HOST": (_COMMAND_ONLY, _const(_address_provider(lambda si: si.upstream_host, 0))),
-    "UPSTREAM_REMOTE_ADDRESS": (_COMMAND_ONLY, _const(_address_provider(lambda si: si.upstream_host, 0))),
+    "UPSTREAM_HOST": (_COMMAND_ONLY, _const(_address_provider("upstream_host", 0))),
+    "UPSTREAM_REMOTE_ADDRESS": (
+        _COMMAND_ONLY,
+        _const(_address_provider("upstream_host", 0)),
+    ),
     "UPSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.upstream_host, 1)),
+        _const(_address_provider("upstream_host", 1)),
     ),
-    "UPSTREAM_REMOTE_PORT": (_COMMAND_ONLY, _const(_address_provider(lambda si: si.upstream_host, 2))),
+    "UPSTREAM_REMOTE_PORT": (
+        _COMMAND_ONLY,
+        _const(_address_provider("upstream_host", 2)),
+    ),
     "UPSTREAM_LOCAL_ADDRESS": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.upstream_local_address, 0)),
+        _const(_address_provider("upstream_local_address", 0)),
     ),
     "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.upstream_local_address, 1)),
+        _const(_address_provider("upstream_local_address", 1)),
     ),
     "UPSTREAM_LOCAL_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.upstream_local_address, 2)),
+        _const(_address_provider("upstream_local_address", 2)),
     ),
     "UPSTREAM_CLUSTER": (_COMMAND_ONLY, _const(_simple(lambda si: _opt_str(si.upstream_cluster)))),
-    "UPSTREAM_CLUSTER_RAW": (_COMMAND_ONLY, _const(_simple(lambda si: _opt_str(si.upstream_cluster)))),
+    "UPSTREAM_CLUSTER_RAW": (
+        _COMMAND_ONLY,
+        _const(_simple(lambda si: _opt_str(si.upstream_cluster))),
+    ),
     "UPSTREAM_TRANSPORT_FAILURE_REASON": (
         _COMMAND_ONLY,
         _const(
             _simple(
-                lambda si: si.upstream_transport_failure_reason.replace(" ", "_").encode()
-                if si.upstream_transport_failure_reason
-                else None
+                lambda si: (
+                    si.upstream_transport_failure_reason.replace(" ", "_").encode()
+                    if si.upstream_transport_failure_reason
+                    else None
+                )
             )
         ),
     ),
@@ -668,27 +747,27 @@ _COMMANDS: dict[str, tuple[int, _Factory]] = {
     ),
     "DOWNSTREAM_REMOTE_ADDRESS": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.downstream_remote_address, 0)),
+        _const(_address_provider("downstream_remote_address", 0)),
     ),
     "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.downstream_remote_address, 1)),
+        _const(_address_provider("downstream_remote_address", 1)),
     ),
     "DOWNSTREAM_REMOTE_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.downstream_remote_address, 2)),
+        _const(_address_provider("downstream_remote_address", 2)),
     ),
     "DOWNSTREAM_LOCAL_ADDRESS": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.downstream_local_address, 0)),
+        _const(_address_provider("downstream_local_address", 0)),
     ),
     "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.downstream_local_address, 1)),
+        _const(_address_provider("downstream_local_address", 1)),
     ),
     "DOWNSTREAM_LOCAL_PORT": (
         _COMMAND_ONLY,
-        _const(_address_provider(lambda si: si.downstream_local_address, 2)),
+        _const(_address_provider("downstream_local_address", 2)),
     ),
     "ROUTE_NAME": (_COMMAND_ONLY, _const(_simple(lambda si: _opt_str(si.route_name)))),
     "STREAM_ID": (_COMMAND_ONLY, _const(_simple(lambda si: si.request_id or None))),

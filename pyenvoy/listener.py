@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.config.errors import ConfigError
+from pyenvoy.config.fields import reject_unsupported
 from pyenvoy.extensions import registry
 from pyenvoy.network.connection import DEFAULT_BUFFER_LIMIT, Connection
 from pyenvoy.stats import StatsStruct
@@ -75,14 +76,6 @@ def listener_stat_address(host: str, port: int) -> str:
     return f"{host}_{port}"
 
 
-def _check_unsupported(proto: Any, fields: tuple[str, ...], path: str) -> None:
-    for f in fields:
-        fd = proto.DESCRIPTOR.fields_by_name[f]
-        present = len(getattr(proto, f)) > 0 if fd.label == fd.LABEL_REPEATED else proto.HasField(f)
-        if present:
-            raise ConfigError(f"{f} is not supported by pyenvoy yet", f"{path}.{f}")
-
-
 class Listener:
     def __init__(self, proto: ListenerProto, stats: Store, cluster_manager: Any, server: Any, path: str) -> None:
         self.proto = proto
@@ -102,7 +95,7 @@ class Listener:
         except OSError:
             raise ConfigError(f"malformed IP address: {self.host}", f"{path}.address.socket_address.address") from None
         self.ipv4_compat = sa.ipv4_compat
-        _check_unsupported(
+        reject_unsupported(
             proto,
             (
                 "additional_addresses",

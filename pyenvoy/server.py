@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyenvoy import __version__
 from pyenvoy.config.errors import ConfigError
+from pyenvoy.config.fields import is_set, reject_unsupported
 from pyenvoy.listener import ListenerManager
 from pyenvoy.stats import StatsStruct, Store
 from pyenvoy.upstream.cluster_manager import ClusterManager
@@ -83,12 +84,9 @@ class ServerStats(StatsStruct):
 
 
 def _check_bootstrap(bootstrap: Bootstrap) -> None:
-    for f in _UNSUPPORTED_BOOTSTRAP:
-        fd = bootstrap.DESCRIPTOR.fields_by_name[f]
-        present = len(getattr(bootstrap, f)) > 0 if fd.label == fd.LABEL_REPEATED else bootstrap.HasField(f)
-        if present:
-            what = "dynamic_resources (xDS)" if f == "dynamic_resources" else f
-            raise ConfigError(f"{what} is not supported by pyenvoy yet", f)
+    if is_set(bootstrap, "dynamic_resources"):
+        raise ConfigError("dynamic_resources (xDS) is not supported by pyenvoy yet", "dynamic_resources")
+    reject_unsupported(bootstrap, _UNSUPPORTED_BOOTSTRAP, "")
     sr = bootstrap.static_resources
     if len(sr.secrets):
         raise ConfigError("secrets are not supported by pyenvoy yet", "static_resources.secrets")
@@ -267,11 +265,6 @@ async def _serve(options: ServerOptions, bootstrap: Bootstrap) -> int:
 
 def run(options: ServerOptions, bootstrap: Bootstrap) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
-    if (getattr(options, "concurrency", 1) or 1) > 1:
-        log.warning(
-            "--concurrency %s: this version of pyenvoy runs a single worker; serving with one",
-            options.concurrency,
-        )
     try:
         import uvloop
 

@@ -120,6 +120,34 @@ def _construct_float(loader: Any, node: Any) -> float:
     return float(text)
 
 
+def _construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+    """Mapping keys keep their source text (``n: 1`` has key "n", not False), as in Envoy."""
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(
+            None, None, f"expected a mapping node, but found {node.id}", node.start_mark
+        )
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            key: Any = key_node.value
+        else:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                "found a non-scalar key",
+                key_node.start_mark,
+            )
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+def _construct_yaml_map(loader: Any, node: Any) -> Any:
+    data: dict[Any, Any] = {}
+    yield data
+    data.update(_construct_mapping(loader, node))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_yaml_map)
 _Loader.add_constructor("tag:yaml.org,2002:bool", _construct_bool)
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
@@ -204,7 +232,7 @@ def _scan_file_descriptor(path: str) -> tuple[str, list[str]] | None:
     start += len("AddSerializedFile(")
     end = src.find("')\n", start)
     if end < 0:
-        end = src.find("\")\n", start)
+        end = src.find('")\n', start)
         if end < 0:
             return None
     try:
@@ -350,25 +378,28 @@ def _line_of(text: str, segs_outer_first: list[Any], key: Any = None) -> int | N
         return None
     if node is None:
         return None
-    walk = list(segs_outer_first)
+    best = node  # the deepest node found: a missing field points at its parent
+    walk: list[Any] = list(segs_outer_first)
     if key is not None:
         walk.append(_Key(key))
-    for seg in walk:
+    last = len(walk) - 1
+    for i, seg in enumerate(walk):
         if isinstance(seg, int):
             if not isinstance(node, yaml.SequenceNode) or seg >= len(node.value):
-                return None
-            node = node.value[seg]
+                break
+            node = best = node.value[seg]
             continue
         if not isinstance(node, yaml.MappingNode):
-            return None
+            break
         want = {str(seg.key)} if isinstance(seg, _Key) else {seg, _camel(seg)}
         for k, v in node.value:
             if isinstance(k, yaml.ScalarNode) and k.value in want:
-                node = k if (seg is walk[-1] and isinstance(seg, _Key)) else v
+                # An unknown field points at its key; everything else at the value.
+                node = best = k if (i == last and key is not None) else v
                 break
         else:
-            return None
-    return int(node.start_mark.line) + 1
+            break
+    return int(best.start_mark.line) + 1
 
 
 def _to_config_error(e: PathError, prefix: str = "", text: str | None = None) -> ConfigError:
@@ -458,11 +489,11 @@ def _convert_int(t: int, v: Any) -> int:
     elif type(v) is float and v.is_integer():
         n = int(v)
     elif type(v) is float or type(v) is str:
-        raise PathError(f"{name}, invalid number: '{v}'")
+        raise PathError(f"invalid {name} number: '{v}'")
     else:
-        raise PathError(f"{name}, expected a number, got {_describe(v)}")
+        raise PathError(f"expected a {name} number, got {_describe(v)}")
     if n < lo or n > hi:
-        raise PathError(f"{name}, number out of range: {n}")
+        raise PathError(f"{name} number out of range: {n}")
     return n
 
 
@@ -471,13 +502,13 @@ def _convert_scalar(fd: FieldDescriptor, v: Any) -> Any:
     if t == _T_STRING:
         if type(v) is str:
             return v
-        raise PathError(f"string, expected a string, got {_describe(v)}")
+        raise PathError(f"expected a string, got {_describe(v)}")
     if t in _INT_RANGES:
         return _convert_int(t, v)
     if t == _T_BOOL:
         if type(v) is bool:
             return v
-        raise PathError(f"bool, expected true or false, got {_describe(v)}")
+        raise PathError(f"expected true or false, got {_describe(v)}")
     if t == _T_ENUM:
         return _convert_enum(fd, v)
     if t == _T_DOUBLE or t == _T_FLOAT:
@@ -491,18 +522,18 @@ def _convert_scalar(fd: FieldDescriptor, v: Any) -> Any:
             try:
                 return float(v)
             except ValueError:
-                raise PathError(f"{kind}, invalid number: '{v}'") from None
-        raise PathError(f"{kind}, expected a number, got {_describe(v)}")
+                raise PathError(f"invalid {kind} number: '{v}'") from None
+        raise PathError(f"expected a {kind} number, got {_describe(v)}")
     if t == _T_BYTES:
         if type(v) is not str:
-            raise PathError(f"bytes, expected a base64 string, got {_describe(v)}")
+            raise PathError(f"expected a base64 string, got {_describe(v)}")
         try:
             padded = v + "=" * (-len(v) % 4)
             if "-" in v or "_" in v:
                 return base64.urlsafe_b64decode(padded)
             return base64.b64decode(padded, validate=True)
         except ValueError:
-            raise PathError(f"bytes, invalid base64: '{v}'") from None
+            raise PathError(f"invalid base64: '{v}'") from None
     raise PathError(f"unsupported field type {t}")
 
 
@@ -519,7 +550,7 @@ def _convert_enum(fd: FieldDescriptor, v: Any) -> int:
         if getattr(enum, "is_closed", False) and v not in enum.values_by_number:
             raise PathError(f"unknown enum value: {v} (enum {enum.full_name})")
         return v
-    raise PathError(f"enum {enum.full_name}, expected a value name, got {_describe(v)}")
+    raise PathError(f"expected a value name of enum {enum.full_name}, got {_describe(v)}")
 
 
 def _merge_message(msg: Message, value: Any, opts: _Options) -> None:
@@ -529,7 +560,7 @@ def _merge_message(msg: Message, value: Any, opts: _Options) -> None:
         special(msg, value, opts)
         return
     if type(value) is not dict:
-        raise PathError(f"message {desc.full_name}, expected a mapping, got {_describe(value)}")
+        raise PathError(f"expected a mapping (message {desc.full_name}), got {_describe(value)}")
     table = _field_table(desc)
     for key, v in value.items():
         fd = table.get(key)
@@ -642,9 +673,7 @@ _MAX_DURATION_SECONDS = 315576000000
 
 def _merge_duration(msg: Any, v: Any, opts: _Options) -> None:
     if type(v) is not str:
-        raise PathError(
-            f"message google.protobuf.Duration, expected a string such as '1.5s', got {_describe(v)}"
-        )
+        raise PathError(f"expected a duration string such as '1.5s', got {_describe(v)}")
     m = _DURATION_RE.match(v)
     if m is None:
         if not v.endswith("s") or v.endswith("ss"):
@@ -652,10 +681,11 @@ def _merge_duration(msg: Any, v: Any, opts: _Options) -> None:
         raise PathError(f"invalid duration '{v}'")
     seconds = int(m.group(2))
     nanos = int((m.group(3) or "").ljust(9, "0")) if m.group(3) else 0
+    if m.group(1) and (seconds or nanos):
+        # Envoy rejects negative durations anywhere in a config, whatever the PGV rules say.
+        raise PathError(f"Invalid duration: Expected positive duration: '{v}'")
     if seconds > _MAX_DURATION_SECONDS:
-        raise PathError(f"invalid duration '{v}': duration out of range")
-    if m.group(1):
-        seconds, nanos = -seconds, -nanos
+        raise PathError(f"Invalid duration: Duration out-of-range according to Protobuf: '{v}'")
     msg.seconds = seconds
     msg.nanos = nanos
 
@@ -663,7 +693,7 @@ def _merge_duration(msg: Any, v: Any, opts: _Options) -> None:
 def _merge_from_json_string(kind: str) -> Callable[[Any, Any, _Options], None]:
     def merge(msg: Any, v: Any, opts: _Options) -> None:
         if type(v) is not str:
-            raise PathError(f"message google.protobuf.{kind}, expected a string, got {_describe(v)}")
+            raise PathError(f"expected a {kind} string, got {_describe(v)}")
         try:
             msg.FromJsonString(v)
         except ValueError as e:
@@ -714,13 +744,13 @@ def _py_to_list(out: Any, v: list[Any]) -> None:
 
 def _merge_struct(msg: Any, v: Any, opts: _Options) -> None:
     if type(v) is not dict:
-        raise PathError(f"message google.protobuf.Struct, expected a mapping, got {_describe(v)}")
+        raise PathError(f"expected a mapping (google.protobuf.Struct), got {_describe(v)}")
     _py_to_struct(msg, v)
 
 
 def _merge_list_value(msg: Any, v: Any, opts: _Options) -> None:
     if type(v) is not list:
-        raise PathError(f"message google.protobuf.ListValue, expected a list, got {_describe(v)}")
+        raise PathError(f"expected a list (google.protobuf.ListValue), got {_describe(v)}")
     _py_to_list(msg, v)
 
 
@@ -730,7 +760,7 @@ def _merge_value(msg: Any, v: Any, opts: _Options) -> None:
 
 def _merge_empty(msg: Any, v: Any, opts: _Options) -> None:
     if type(v) is not dict:
-        raise PathError(f"message google.protobuf.Empty, expected a mapping, got {_describe(v)}")
+        raise PathError(f"expected an empty mapping (google.protobuf.Empty), got {_describe(v)}")
     if v:
         key = next(iter(v))
         raise PathError(f"no such field: '{key}' (message google.protobuf.Empty)", key=key)
@@ -743,12 +773,14 @@ def _merge_wrapper(msg: Any, v: Any, opts: _Options) -> None:
 
 def _merge_any(msg: Any, v: Any, opts: _Options) -> None:
     if type(v) is not dict:
-        raise PathError(f"message google.protobuf.Any, expected a mapping, got {_describe(v)}")
+        raise PathError(
+            f"expected a mapping with '@type' (google.protobuf.Any), got {_describe(v)}"
+        )
     if not v:
         return
     type_url = v.get("@type")
     if type_url is None:
-        raise PathError("message google.protobuf.Any, missing '@type'")
+        raise PathError("missing '@type' (google.protobuf.Any)")
     if type(type_url) is not str:
         raise PathError(f"'@type' must be a string, got {_describe(type_url)}")
     cls = message_class_for_type_url(type_url)
@@ -937,14 +969,14 @@ def _load_file_into(msg: Message, path: str, opts: _Options) -> str | None:
         try:
             msg.MergeFromString(raw)
         except DecodeError as e:
-            raise ConfigError(f"Unable to parse file \"{path}\" as a binary protobuf: {e}") from None
+            raise ConfigError(f'Unable to parse file "{path}" as a binary protobuf: {e}') from None
         return None
     text = _read_file(path)
     if lower.endswith(".pb_text"):
         try:
             text_format.Merge(text, msg)
         except text_format.ParseError as e:
-            raise ConfigError(f"Unable to parse file \"{path}\" as a text protobuf: {e}") from None
+            raise ConfigError(f'Unable to parse file "{path}" as a text protobuf: {e}') from None
         return None
     if lower.endswith((".yaml", ".yml")):
         data = _parse_yaml_document(text, f"'{path}'")

@@ -91,8 +91,7 @@ class Connection(asyncio.Protocol):
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.start_monotonic = time.monotonic()
         self.remote_address = sockname(transport.get_extra_info("peername"))
         self.local_address = sockname(transport.get_extra_info("sockname"))

@@ -199,8 +199,6 @@ class ClusterInfo:
                 scope.gauge(g)
 
     def _read_protocol_options(self, proto: ClusterProto, path: str) -> None:
-        from pyenvoy.config import unpack_any
-
         if proto.HasField("max_requests_per_connection"):
             self.max_requests_per_connection = proto.max_requests_per_connection.value
         if proto.HasField("common_http_protocol_options"):
@@ -209,6 +207,8 @@ class ClusterInfo:
             self.upstream_http2 = True
         key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
         if key in proto.typed_extension_protocol_options:
+            from pyenvoy.config import unpack_any
+
             opts = unpack_any(
                 proto.typed_extension_protocol_options[key],
                 f"{path}.typed_extension_protocol_options['{key}']",

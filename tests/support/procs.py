@@ -9,6 +9,11 @@ for both proxies, and ``start()`` polls the admin ``/ready`` endpoint until it a
 200 (or the process dies, or ~10 s pass: then it raises with the process's output).
 ``stop()`` terminates, then kills, and always reaps. Output goes to a temp file (never a
 pipe) so a chatty proxy can never block on a full pipe.
+
+Raw-socket helpers: ``exchange`` sends bytes and parses complete HTTP/1.x responses
+(content-length, chunked or close-delimited), optionally waiting to see whether the server
+closes; ``exchange_many`` runs several at once so Envoy's 1 s delayed close is paid once.
+Stats helpers turn ``/stats``, ``/stats?format=json`` and ``/stats/prometheus`` into dicts.
 """
 
 from __future__ import annotations
@@ -423,7 +428,7 @@ def parse_raw_responses(
         end = data.find(b"\r\n\r\n", pos)
         if end < 0:
             if strict:
-                raise ValueError(f"incomplete head: {data[pos:pos + 200]!r}")
+                raise ValueError(f"incomplete head: {data[pos : pos + 200]!r}")
             break
         head = data[pos : end + 4]
         lines = head[:-4].split(b"\r\n")
@@ -506,7 +511,7 @@ def exchange(
     responses: int = 1,
     head: frozenset[int] = frozenset(),
     wait_close: float = 0.0,
-    timeout: float = 5.0,
+    timeout: float = 3.0,
     gap: float = 0.0,
     host: str = "127.0.0.1",
 ) -> Exchange:
@@ -589,7 +594,9 @@ def envoy_local_address() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
             try:
-                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+                packed = fcntl.ioctl(
+                    s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15])
+                )
             except OSError:
                 continue
             addr = socket.inet_ntoa(packed[20:24])

@@ -452,7 +452,7 @@ async def _drain_close(writer: asyncio.StreamWriter) -> None:
         writer.close()
     try:
         await asyncio.wait_for(writer.wait_closed(), 2)
-    except (ConnectionError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, ConnectionError, OSError):
         pass
 
 
@@ -461,12 +461,15 @@ class TcpEchoUpstream(_ThreadLoopServer):
 
     Records per connection the number of bytes received (``received``) and whether the
     client half-closed (``half_closed``), so tests can check data integrity and half-close.
+    ``eof_reply`` (bytes) is written after the client's FIN and before our own FIN, which
+    proves that data still flows server->client on a half-closed connection.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, eof_reply: bytes = b"") -> None:
         super().__init__(host, port)
         self.received: dict[int, int] = {}
         self.half_closed: dict[int, bool] = {}
+        self.eof_reply = eof_reply
 
     async def handle(
         self, conn_id: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -481,6 +484,10 @@ class TcpEchoUpstream(_ThreadLoopServer):
             writer.write(data)
             await writer.drain()
         self.half_closed[conn_id] = True
+        if self.eof_reply:
+            await asyncio.sleep(0.05)  # the reply travels after the FIN, not with the echo
+            writer.write(self.eof_reply)
+            await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
         await _drain_close(writer)

@@ -129,23 +129,26 @@ class Router(hf.StreamDecoderFilter):
         if direct is not None:
             stats.rq_direct_response.value += 1
             status, body = direct
+            location = route.location(headers)
             cb.send_local_reply(
                 status,
                 body,
                 "direct_response",
-                modify_headers=lambda rh: route.finalize_response_headers(rh, si),
+                headers=[(b"location", location)] if location else None,
+                modify_headers=lambda rh: route.finalize_response_headers(rh, si, headers),
             )
             return hf.STOP_ITERATION
         redirect = route.redirect
         if redirect is not None:
             stats.rq_redirect.value += 1
             location = redirect.location(headers)
+            route.rewrite_path(headers)
             cb.send_local_reply(
                 redirect.response_code,
                 b"",
                 "direct_response",
                 headers=[(b"location", location)],
-                modify_headers=lambda rh: route.finalize_response_headers(rh, si),
+                modify_headers=lambda rh: route.finalize_response_headers(rh, si, headers),
             )
             return hf.STOP_ITERATION
         name = route.cluster_name
@@ -167,13 +170,13 @@ class Router(hf.StreamDecoderFilter):
             return hf.STOP_ITERATION
         self.host = host
         si.upstream_host = host.address
-        # Rewrites and header mutations, in Envoy's order.
-        route.rewrite_path(headers)
-        if route.host_rewrite_literal is not None:
-            headers.authority = route.host_rewrite_literal
-        elif route.auto_host_rewrite and host.hostname:
-            headers.authority = host.hostname.encode()
-        route.finalize_request_headers(headers, si)
+        # Header mutations (their values see the original path/host), then host and path
+        # rewrites, in Envoy's order.
+        envoy_headers = not self.config.suppress_envoy_headers
+        route.finalize_request_headers(headers, si, envoy_headers)
+        if route.auto_host_rewrite and host.hostname:
+            route.update_authority(headers, host.hostname.encode(), envoy_headers)
+        route.rewrite_path(headers, envoy_headers)
         timeout = route.timeout
         if not self.config.suppress_envoy_headers and timeout > 0:
             headers.set(b"x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)).encode())
@@ -269,7 +272,7 @@ class Router(hf.StreamDecoderFilter):
         rh = ResponseHeaders(status, headers)
         if not self.config.suppress_envoy_headers:
             rh.headers.append([b"x-envoy-upstream-service-time", str(int((now - self.start) * 1000)).encode()])
-        self.route.finalize_response_headers(rh, si)
+        self.route.finalize_response_headers(rh, si, self.headers)
         if end_stream:
             self._complete(status)
         self.callbacks.encode_headers(rh, end_stream)

@@ -19,6 +19,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 
 from pyenvoy.config.errors import ConfigError
+from pyenvoy.config.fields import reject_unsupported, seconds
 from pyenvoy.extensions import registry
 from pyenvoy.http.conn_manager import ConnectionManager
 from pyenvoy.stats import Scope, StatsStruct
@@ -116,13 +117,6 @@ class ListenerHttpStats(StatsStruct):
     )
 
 
-def _duration(msg: Any, field: str, default: float) -> float:
-    if not msg.HasField(field):
-        return default
-    d = getattr(msg, field)
-    return float(d.seconds + d.nanos / 1e9)
-
-
 def _new_request_id() -> bytes:
     h = os.urandom(16).hex()
     variant = "89ab"[int(h[16], 16) & 3]
@@ -148,20 +142,12 @@ _UNSUPPORTED_FIELDS = (
     "path_normalization_options",
 )
 
-_REPEATED = ("upgrade_configs", "original_ip_detection_extensions", "early_header_mutation_extensions")
-
 
 class HcmConfig:
     def __init__(self, proto: hcm_pb2.HttpConnectionManager, ctx: registry.FactoryContext) -> None:
         path = ctx.path
         self.proto = proto
-        for f in _UNSUPPORTED_FIELDS:
-            if f in _REPEATED:
-                present = len(getattr(proto, f)) > 0
-            else:
-                present = proto.HasField(f)
-            if present:
-                raise ConfigError(f"{f} is not supported by pyenvoy yet", f"{path}.{f}")
+        reject_unsupported(proto, _UNSUPPORTED_FIELDS, path)
         codec = hcm_pb2.HttpConnectionManager.CodecType.Name(proto.codec_type)
         if codec not in ("AUTO", "HTTP1"):
             raise ConfigError(f"codec_type {codec} is not supported by pyenvoy yet", f"{path}.codec_type")
@@ -227,17 +213,17 @@ class HcmConfig:
         self.max_headers_count = (
             cho.max_headers_count.value if cho.HasField("max_headers_count") else 100
         )
-        self.idle_timeout = _duration(cho, "idle_timeout", 3600.0)
+        self.idle_timeout = seconds(cho, "idle_timeout", 3600.0)
         if cho.HasField("max_connection_duration") or cho.HasField("max_stream_duration"):
             raise ConfigError(
                 "max_connection_duration/max_stream_duration are not supported by pyenvoy yet",
                 f"{path}.common_http_protocol_options",
             )
-        self.request_timeout = _duration(proto, "request_timeout", 0.0)
-        self.stream_idle_timeout = _duration(proto, "stream_idle_timeout", 300.0)
-        self.request_headers_timeout = _duration(proto, "request_headers_timeout", 0.0)
-        self.drain_timeout = _duration(proto, "drain_timeout", 5.0)
-        self.delayed_close_timeout = _duration(proto, "delayed_close_timeout", 1.0)
+        self.request_timeout = seconds(proto, "request_timeout", 0.0)
+        self.stream_idle_timeout = seconds(proto, "stream_idle_timeout", 300.0)
+        self.request_headers_timeout = seconds(proto, "request_headers_timeout", 0.0)
+        self.drain_timeout = seconds(proto, "drain_timeout", 5.0)
+        self.delayed_close_timeout = seconds(proto, "delayed_close_timeout", 1.0)
         self.accept_http_10 = proto.http_protocol_options.accept_http_10
         self.default_host_for_http_10 = proto.http_protocol_options.default_host_for_http_10.encode()
         self.proxy_100_continue = proto.proxy_100_continue

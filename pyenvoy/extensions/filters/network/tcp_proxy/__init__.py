@@ -13,7 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pyenvoy.extensions.filters.network.tcp_proxy.config import TcpProxyConfig, TcpProxyStats
-from pyenvoy.extensions.filters.network.tcp_proxy.tcp_proxy import TcpProxyFilter, UpstreamConnection
+from pyenvoy.extensions.filters.network.tcp_proxy.tcp_proxy import (
+    TcpProxyFilter,
+    UpstreamConnection,
+)
 from pyenvoy.extensions.registry import NETWORK_FILTER, FactoryContext, register
 
 NAME = "envoy.filters.network.tcp_proxy"
@@ -36,4 +39,6 @@ def tcp_proxy_factory(proto: Any, ctx: FactoryContext) -> Callable[[], TcpProxyF
     return functools.partial(TcpProxyFilter, config)
 
 
-register(NETWORK_FILTER, NAME, TYPE_URL, tcp_proxy_factory, terminal=True, aliases=("envoy.tcp_proxy",))
+register(
+    NETWORK_FILTER, NAME, TYPE_URL, tcp_proxy_factory, terminal=True, aliases=("envoy.tcp_proxy",)
+)

@@ -22,7 +22,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.config.errors import ConfigError
-from pyenvoy.stats import StatsStruct, Store
+from pyenvoy.stats import Counter, Gauge, StatsStruct, Store
 
 if TYPE_CHECKING:
     from pyenvoy.extensions.registry import FactoryContext
@@ -34,6 +34,23 @@ DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy: 1h when idle_timeout is unset, disabled 
 
 class TcpProxyStats(StatsStruct):
     """``tcp.<stat_prefix>.*`` (Envoy's ALL_TCP_PROXY_STATS)."""
+
+    downstream_cx_drain_close: Counter
+    downstream_cx_no_route: Counter
+    downstream_cx_overload_close: Counter
+    downstream_cx_rx_bytes_total: Counter
+    downstream_cx_total: Counter
+    downstream_cx_tx_bytes_total: Counter
+    downstream_flow_control_paused_reading_total: Counter
+    downstream_flow_control_resumed_reading_total: Counter
+    early_data_received_count_total: Counter
+    idle_timeout: Counter
+    max_downstream_connection_duration: Counter
+    route_delayed_total: Counter
+    upstream_flush_total: Counter
+    downstream_cx_rx_bytes_buffered: Gauge
+    downstream_cx_tx_bytes_buffered: Gauge
+    upstream_flush_active: Gauge
 
     COUNTERS = (
         "downstream_cx_drain_close",
@@ -88,7 +105,10 @@ class TcpProxyConfig:
     def __init__(self, proto: Any, ctx: FactoryContext) -> None:
         path = ctx.path
         if not proto.stat_prefix:
-            raise ConfigError("stat_prefix: value length must be at least 1 characters", _field(path, "stat_prefix"))
+            raise ConfigError(
+                "stat_prefix: value length must be at least 1 characters",
+                _field(path, "stat_prefix"),
+            )
         self.stat_prefix: str = proto.stat_prefix
 
         self.cluster_name = ""
@@ -108,9 +128,13 @@ class TcpProxyConfig:
             total = 0
             for i, cw in enumerate(entries):
                 if not cw.name:
-                    raise ConfigError("name: value length must be at least 1 characters", f"{wpath}[{i}].name")
+                    raise ConfigError(
+                        "name: value length must be at least 1 characters", f"{wpath}[{i}].name"
+                    )
                 if cw.weight < 1:
-                    raise ConfigError("weight: value must be greater than or equal to 1", f"{wpath}[{i}].weight")
+                    raise ConfigError(
+                        "weight: value must be greater than or equal to 1", f"{wpath}[{i}].weight"
+                    )
                 if cw.HasField("metadata_match"):
                     raise ConfigError(
                         "metadata_match (subset load balancing) is not supported by pyenvoy",
@@ -145,9 +169,11 @@ class TcpProxyConfig:
                 _field(path, "metadata_match"),
             )
         if proto.upstream_connect_mode != 0:
-            mode = proto.DESCRIPTOR.fields_by_name["upstream_connect_mode"].enum_type.values_by_number[
-                proto.upstream_connect_mode
-            ].name
+            mode = (
+                proto.DESCRIPTOR.fields_by_name["upstream_connect_mode"]
+                .enum_type.values_by_number[proto.upstream_connect_mode]
+                .name
+            )
             raise ConfigError(
                 f"upstream_connect_mode {mode} is not supported by pyenvoy's tcp_proxy (only IMMEDIATE)",
                 _field(path, "upstream_connect_mode"),
@@ -177,11 +203,19 @@ class TcpProxyConfig:
             bo = proto.backoff_options
             bpath = _field(path, "backoff_options")
             if not bo.HasField("base_interval") or _seconds(bo.base_interval) < 0.001:
-                raise ConfigError("base_interval: value must be greater than or equal to 1ms", f"{bpath}.base_interval")
+                raise ConfigError(
+                    "base_interval: value must be greater than or equal to 1ms",
+                    f"{bpath}.base_interval",
+                )
             self.backoff_base = _seconds(bo.base_interval)
-            self.backoff_max = _seconds(bo.max_interval) if bo.HasField("max_interval") else 10 * self.backoff_base
+            self.backoff_max = (
+                _seconds(bo.max_interval) if bo.HasField("max_interval") else 10 * self.backoff_base
+            )
             if self.backoff_max < self.backoff_base:
-                raise ConfigError("max_interval must be greater than or equal to base_interval", f"{bpath}.max_interval")
+                raise ConfigError(
+                    "max_interval must be greater than or equal to base_interval",
+                    f"{bpath}.max_interval",
+                )
 
         self.max_downstream_connection_duration = 0.0
         self.max_duration_jitter = 0.0
@@ -204,8 +238,10 @@ class TcpProxyConfig:
 
         # Accepted, with no effect in pyenvoy yet (said out loud, never silently).
         self.access_log_configured = bool(len(proto.access_log))
-        if self.access_log_configured or proto.HasField("access_log_options") or proto.HasField(
-            "access_log_flush_interval"
+        if (
+            self.access_log_configured
+            or proto.HasField("access_log_options")
+            or proto.HasField("access_log_flush_interval")
         ):
             log.warning(
                 "%s: tcp_proxy access_log is accepted but not emitted yet by pyenvoy",
@@ -228,7 +264,9 @@ class TcpProxyConfig:
         total = self.weighted_total
         if not total:
             return self.cluster_name
-        return self.weighted_names[bisect.bisect_right(self.weighted_cumulative, random.randrange(total))]
+        return self.weighted_names[
+            bisect.bisect_right(self.weighted_cumulative, random.randrange(total))
+        ]
 
     def backoff_delay(self, failures: int) -> float:
         """Seconds to wait before retry number ``failures`` (Envoy's jittered exponential backoff)."""

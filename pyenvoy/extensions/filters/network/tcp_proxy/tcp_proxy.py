@@ -33,7 +33,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pyenvoy.network import filter as nf
 from pyenvoy.network.filter import ReadFilter
@@ -47,7 +47,6 @@ from pyenvoy.stream_info import (
 
 if TYPE_CHECKING:
     from pyenvoy.extensions.filters.network.tcp_proxy.config import TcpProxyConfig
-    from pyenvoy.network.connection import Connection
 
 log = logging.getLogger("pyenvoy.tcp_proxy")
 
@@ -104,9 +103,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
+        # No isinstance check: uvloop's TCPTransport is not an asyncio.Transport subclass.
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        sock = t.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -114,7 +114,7 @@ class UpstreamConnection(asyncio.Protocol):
                 pass
         limit = self.info.per_connection_buffer_limit_bytes
         if limit:
-            transport.set_write_buffer_limits(high=limit, low=limit // 2)
+            t.set_write_buffer_limits(high=limit, low=limit // 2)
         self.connected = True
         now = time.monotonic()
         self.stats.upstream_cx_connect_ms.record((now - self.connect_start) * 1000)
@@ -222,7 +222,9 @@ class UpstreamConnection(asyncio.Protocol):
         stats.upstream_flush_active.inc()
         self.draining = True
         if idle_timeout > 0:
-            self.drain_timer = asyncio.get_running_loop().call_later(idle_timeout, self._drain_timeout)
+            self.drain_timer = asyncio.get_running_loop().call_later(
+                idle_timeout, self._drain_timeout
+            )
         try:
             t.resume_reading()  # notice a reset or unexpected data while draining
         except RuntimeError:
@@ -263,6 +265,7 @@ class TcpProxyFilter(ReadFilter):
         "downstream_read_paused",
         "upstream_read_paused",
         "tx_buffered",
+        "_early_data",
     )
 
     def __init__(self, config: TcpProxyConfig) -> None:
@@ -287,6 +290,7 @@ class TcpProxyFilter(ReadFilter):
         self.downstream_read_paused = False  # by us, for the upstream's write buffer
         self.upstream_read_paused = False  # by us, for the downstream's write buffer
         self.tx_buffered = 0
+        self._early_data: list[bytes] | None = None  # read before the upstream connected
 
     # --- ReadFilter ---------------------------------------------------------------------
     def on_new_connection(self) -> int:
@@ -297,6 +301,9 @@ class TcpProxyFilter(ReadFilter):
         conn.enable_half_close(True)
         # No reads until there is an upstream to send them to (re-enabled on connect).
         conn.read_disable(True)
+        # uvloop starts reading right after connection_made, ignoring a pause_reading() made
+        # inside it: pause again on the next loop turn (a no-op where the first one held).
+        self.loop.call_soon(self._reapply_read_disable)
         self.stats.downstream_cx_total.inc()
         d = self.config.max_duration()
         if d:
@@ -313,6 +320,8 @@ class TcpProxyFilter(ReadFilter):
                 self.upstream_stats.upstream_cx_tx_bytes_total.value += n
                 t.write(data)
                 self._last_activity = self.loop.time()  # type: ignore[union-attr]
+            elif self.upstream_stats is None and not self.connection.local_close:
+                self._hold_early_data(data)  # still connecting (or between attempts)
         if end_stream:
             self._on_downstream_eof()
         return nf.STOP_ITERATION
@@ -385,6 +394,17 @@ class TcpProxyFilter(ReadFilter):
                 local = up.transport.get_extra_info("sockname")
                 if isinstance(local, tuple) and len(local) >= 2:
                     si.upstream_local_address = (local[0], local[1])
+        t = up.transport
+        early = self._early_data
+        if early is not None and t is not None:
+            self._early_data = None
+            up.stats.upstream_cx_tx_bytes_total.value += sum(map(len, early))
+            t.writelines(early)
+        if self.downstream_eof and t is not None:
+            try:
+                t.write_eof()
+            except (OSError, RuntimeError, NotImplementedError):
+                pass
         self.connection.read_disable(False)
         timeout = self.config.idle_timeout
         if timeout > 0:
@@ -562,6 +582,25 @@ class TcpProxyFilter(ReadFilter):
                 self._connect_timer = self.loop.call_later(delay, self._establish)
                 return
         self._establish()
+
+    def _reapply_read_disable(self) -> None:
+        conn = self.connection
+        t = conn.transport
+        if t is not None and not conn.reading_enabled and not conn.local_close:
+            try:
+                t.pause_reading()
+            except RuntimeError:
+                pass
+
+    def _hold_early_data(self, data: bytes) -> None:
+        """Bytes that slipped in while connecting: keep them for the upstream, and stop
+        reading if they reach the listener's buffer limit."""
+        early = self._early_data
+        if early is None:
+            early = self._early_data = []
+        early.append(data)
+        if sum(map(len, early)) >= self.connection.buffer_limit:
+            self._reapply_read_disable()
 
     def _init_failure(self) -> None:
         # Envoy's onInitFailure: close the downstream, NoFlush, no data written.

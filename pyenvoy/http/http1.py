@@ -1,0 +1,894 @@
+"""HTTP/1.1 codec: incremental request/response parsers and head serializers.
+
+Strategy: a parser owns one byte buffer and a small integer state (head, CL body, chunk size
+line, chunk data, chunk CRLF, trailers, read-until-close/tunnel, message-done). ``feed()`` runs
+a loop over the buffer that never touches single bytes in Python: the head is located with
+``bytes.find(b"\\r\\n\\r\\n")`` (a regex only when bare LFs are present), the request line is
+``split(b" ")`` on the fast path, and the whole header block is validated and split by ONE
+``findall`` of a precompiled line regex whose second alternative captures any bad line, so a
+malformed line can never be skipped silently. Body bytes are handed on as slices of the fed
+buffer (the fed ``bytes`` object itself when a feed is all body); only an incomplete head or
+line is kept, in a ``bytearray`` that grows by amortised appends and is re-scanned only when a
+newline arrives.
+
+Acceptance follows real Envoy 1.40 (BalsaParser + HTTP/1 codec, measured with raw sockets):
+method must be one of Envoy's known methods (custom methods need ``allow_custom_methods``),
+Content-Length must be one plain decimal below 2**64 (several CL headers are rejected even
+when equal), any Content-Length together with Transfer-Encoding is a 400
+(``http1.content_length_and_chunked_not_allowed``), Transfer-Encoding other than exactly one
+``chunked`` is a 501 (``http1.invalid_transfer_encoding``), a head over ``max_header_bytes``
+or with more than ``max_headers_count`` fields is a 431. Like Envoy (and h11) we accept bare
+LF line ends in the head and trailers, obs-fold continuation lines (each fold becomes one SP),
+empty lines before a request, several SP/HTAB between request-line tokens. Where Envoy is
+lax in a way that invites smuggling we are strict like h11: a bare CR in a field value (Envoy
+drops the CR), anything but CRLF after chunk data (Envoy skips to the next LF), 4-digit
+response status codes (Envoy forwards them).
+
+Envoy treats any version other than HTTP/1.1 as HTTP/1.0 (and sends 426 unless
+``accept_http_10``); we report ``version=10`` for every ``HTTP/d.d`` that is not 1.1 and for
+the version-less HTTP/0.9 request line, so the connection manager answers like Envoy.
+
+CONNECT requests, upgrade requests (``Upgrade`` + ``Connection: upgrade``, except h2c) and
+101 / CONNECT-2xx responses switch the parser to tunnel mode: everything after the head is
+passed through ``on_body`` unparsed and ``on_message_complete`` fires at ``feed_eof()``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any
+
+__all__ = [
+    "LAST_CHUNK",
+    "ParseError",
+    "RequestParser",
+    "ResponseParser",
+    "encode_chunk",
+    "encode_request_head",
+    "encode_response_head",
+    "reason_phrase",
+]
+
+
+class ParseError(Exception):
+    """A malformed message. ``status`` is what Envoy answers, ``details`` its response code
+    details (``%RESPONSE_CODE_DETAILS%``). The parser is dead after raising one."""
+
+    __slots__ = ("status", "details")
+
+    def __init__(self, details: str, status: int = 400) -> None:
+        super().__init__(details)
+        self.details = details
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"ParseError({self.details!r}, {self.status})"
+
+
+CODEC_ERROR = "http1.codec_error"
+INVALID_CHARACTERS = "http1.invalid_characters"
+CL_AND_CHUNKED = "http1.content_length_and_chunked_not_allowed"
+HEADERS_TOO_LARGE = "http1.headers_too_large"
+TOO_MANY_HEADERS = "http1.too_many_headers"
+INVALID_TE = "http1.invalid_transfer_encoding"
+INVALID_URL = "http1.invalid_url"
+# Envoy's access-log details for a peer that closes in the middle of a message.
+DOWNSTREAM_EOF = "downstream_remote_disconnect"
+UPSTREAM_EOF_BEFORE_HEADERS = "upstream_reset_before_response_started{protocol_error}"
+UPSTREAM_EOF_AFTER_HEADERS = "upstream_reset_after_response_started{protocol_error}"
+
+# Envoy's BalsaParser method list (plus QUERY, accepted by Envoy 1.40).
+ENVOY_METHODS = frozenset(
+    b"ACL BIND CHECKOUT CONNECT COPY DELETE GET HEAD LINK LOCK MERGE MKACTIVITY MKCALENDAR "
+    b"MKCOL MOVE MSEARCH NOTIFY OPTIONS PATCH POST PROPFIND PROPPATCH PURGE PUT QUERY REBIND "
+    b"REPORT SEARCH SOURCE SUBSCRIBE TRACE UNBIND UNLINK UNLOCK UNSUBSCRIBE".split()
+)
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# One header line. Group 1/2: a valid "name: value" (value without surrounding OWS; obs-text
+# allowed). Group 3: anything else up to the LF, i.e. a bad line (findall cannot skip it).
+_FIELD_LINE = re.compile(
+    rb"(?:(" + _TOKEN + rb"):[ \t]*((?:[^\x00-\x20\x7f]+(?:[ \t]+[^\x00-\x20\x7f]+)*)?)[ \t]*"
+    rb"|([^\n]*))\r?\n"
+)
+_findall_fields = _FIELD_LINE.findall
+_NAME_COLON = re.compile(_TOKEN + rb":").match
+_OBS_FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
+_HEAD_END = re.compile(rb"\n\r?\n").search
+_TOKEN_FULL = re.compile(_TOKEN).fullmatch
+_ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*").fullmatch
+_ASTERISK_FORM = re.compile(rb"\*[\x21-\x7e]*").fullmatch
+_HOST = rb"[A-Za-z0-9!$%&'()*+,\-.:;=@\[\]_~]*"
+_ABSOLUTE_FORM = re.compile(
+    rb"[A-Za-z][A-Za-z0-9+\-.]*://(" + _HOST + rb")(?:[/?][\x21-\x7e]*)?"
+).fullmatch
+_AUTHORITY_FORM = re.compile(rb"(" + _HOST + rb")").fullmatch
+_CTL = re.compile(rb"[\x00-\x1f\x7f]").search
+_REQUEST_LINE = re.compile(rb"([^ \t]+)[ \t]+([^ \t]+)(?:[ \t]+([^ \t]+))?[ \t]*").fullmatch
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]").fullmatch
+_STATUS_LINE = re.compile(
+    rb"HTTP/([0-9]\.[0-9])[ \t]+([0-9]{3})(?:[ \t]+([^\x00-\x08\x0a-\x1f\x7f]*))?"
+).fullmatch
+_REASON_OK = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*").fullmatch
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r\n").fullmatch
+_MAX_U64 = (1 << 64) - 1
+
+# Header names the parsers look at for framing / connection management.
+_SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
+
+# Parser states.
+_HEAD = 0  # waiting for / parsing a start line + header block
+_BODY = 1  # Content-Length body, _remaining bytes left
+_CHUNK_SIZE = 2  # waiting for a chunk-size line
+_CHUNK_DATA = 3  # inside chunk data, _remaining bytes left
+_CHUNK_CRLF = 4  # CRLF after chunk data
+_TRAILERS = 5  # trailer section after the last chunk
+_STREAM = 6  # read-until-close body or upgrade/CONNECT tunnel: all bytes are body
+_DONE = 7  # message complete, on_message_complete not yet delivered
+_CLOSED = 8  # after feed_eof
+
+_LINE_STATES = (_HEAD, _CHUNK_SIZE, _TRAILERS)
+
+
+def _field_error(line: bytes) -> ParseError:
+    """Classify a header/trailer line the field regex rejected, the way Envoy reports it."""
+    if _NAME_COLON(line) is not None:
+        return ParseError(INVALID_CHARACTERS)  # good "name:" so the value is at fault
+    return ParseError(CODEC_ERROR)
+
+
+def _parse_fields(
+    block: bytes, max_count: int
+) -> tuple[list[list[bytes]], list[tuple[bytes, bytes]] | None]:
+    """Header block (lines each ending in LF) -> ([name, value] list, framing headers or None)."""
+    found = _findall_fields(block)
+    if len(found) > max_count:
+        if any(f[2][:1] in (b" ", b"\t") for f in found):
+            found = _findall_fields(_unfold(block))
+        if len(found) > max_count:
+            for f in found[: max_count + 1]:  # an earlier malformed line wins, as in Envoy
+                if f[2] or not f[0]:
+                    raise _field_error(f[2])
+            raise ParseError(TOO_MANY_HEADERS, 431)
+    headers: list[list[bytes]] = []
+    append = headers.append
+    special: list[tuple[bytes, bytes]] | None = None
+    for name, value, bad in found:
+        if bad or not name:
+            if bad[:1] in (b" ", b"\t"):
+                return _parse_fields(_unfold(block), max_count)
+            raise _field_error(bad)
+        name = name.lower()
+        if name in _SPECIAL:
+            if special is None:
+                special = []
+            special.append((name, value))
+        append([name, value])
+    return headers, special
+
+
+def _unfold(block: bytes) -> bytes:
+    """Replace each obs-fold (OWS CRLF RWS) with one SP; a fold on the first line is an error."""
+    if block[:1] in (b" ", b"\t"):
+        raise ParseError(CODEC_ERROR)
+    return _OBS_FOLD.sub(b" ", block)
+
+
+def _check_lines(buf: bytes, start: int, stop: int) -> None:
+    """Validate the complete header lines in buf[start:stop] (used before reporting 431, so an
+    earlier malformed line wins as it does in Envoy's line-by-line parser)."""
+    last_nl = buf.rfind(b"\n", start, stop)
+    if last_nl < start:
+        return
+    block = buf[start : last_nl + 1]
+    if block[:1] in (b" ", b"\t"):
+        raise ParseError(CODEC_ERROR)
+    for name, _value, bad in _findall_fields(block):
+        if (bad or not name) and bad[:1] not in (b" ", b"\t") and bad not in (b"", b"\r"):
+            raise _field_error(bad)
+
+
+def _find_head_end(buf: bytes, pos: int) -> tuple[int, int]:
+    """(end of last header line incl. its LF, end of head incl. blank line), or (-1, -1)."""
+    hend = buf.find(b"\r\n\r\n", pos)
+    if hend >= 0 and buf.count(b"\n", pos, hend) == buf.count(b"\r\n", pos, hend):
+        return hend + 2, hend + 4
+    m = _HEAD_END(buf, pos)
+    if m is None:
+        return -1, -1
+    return m.start() + 1, m.end()
+
+
+def _connection_tokens(values: list[bytes]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for v in values:
+        for t in v.lower().split(b","):
+            t = t.strip(b" \t")
+            if t:
+                tokens.add(t)
+    return tokens
+
+
+class _Framing:
+    """Framing-relevant header values of one message (only built when any is present)."""
+
+    __slots__ = ("content_length", "chunked", "te", "connection", "upgrade")
+
+    def __init__(self, special: list[tuple[bytes, bytes]], status: int) -> None:
+        cls: list[bytes] = []
+        tes: list[bytes] = []
+        conn: list[bytes] = []
+        self.upgrade: bytes | None = None
+        for name, value in special:
+            if name == b"content-length":
+                cls.append(value)
+            elif name == b"transfer-encoding":
+                tes.append(value)
+            elif name == b"connection":
+                conn.append(value)
+            else:
+                self.upgrade = value
+        self.content_length = -1
+        self.chunked = False
+        self.te = bool(tes)
+        if cls:
+            # Balsa rejects a repeated Content-Length (even "2, 2" or two equal headers).
+            if len(cls) > 1:
+                raise ParseError(CODEC_ERROR, status)
+            if tes:
+                raise ParseError(CL_AND_CHUNKED, status)
+            v = cls[0]
+            if not (v.isdigit() and v.isascii()):
+                raise ParseError(CODEC_ERROR, status)
+            n = int(v)
+            if n > _MAX_U64:
+                raise ParseError(CODEC_ERROR, status)
+            self.content_length = n
+        elif tes:
+            if len(tes) != 1 or tes[0].lower() != b"chunked":
+                raise ParseError(INVALID_TE, 501 if status == 400 else status)
+            self.chunked = True
+        self.connection = _connection_tokens(conn) if conn else None
+
+
+class _Parser:
+    __slots__ = (
+        "_handler",
+        "_on_body",
+        "_on_complete",
+        "_max_header_bytes",
+        "_max_headers_count",
+        "_buf",
+        "_state",
+        "_remaining",
+        "_error",
+        "_running",
+        "_eof",
+        "paused",
+        "_status",
+    )
+
+    def __init__(
+        self, handler: Any, max_header_bytes: int, max_headers_count: int, status: int
+    ) -> None:
+        self._handler = handler
+        self._on_body = handler.on_body
+        self._on_complete = handler.on_message_complete
+        self._max_header_bytes = max_header_bytes
+        self._max_headers_count = max_headers_count
+        self._buf: bytes | bytearray = b""
+        self._state = _HEAD
+        self._remaining = 0
+        self._error: ParseError | None = None
+        self._running = False
+        self._eof = False
+        self.paused = False
+        self._status = status  # HTTP status carried by this parser's ParseErrors
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not parsed yet (partial head, or everything while paused)."""
+        return len(self._buf)
+
+    @property
+    def tunnel(self) -> bool:
+        """True once the message body is an unparsed stream (upgrade/CONNECT, read-until-close)."""
+        return self._state == _STREAM
+
+    def feed(self, data: bytes) -> None:
+        """Parse as far as possible, invoking handler callbacks; raises ParseError."""
+        if self._error is not None:
+            raise self._error
+        if not data or self._state == _CLOSED:
+            return
+        if data.__class__ is not bytes:
+            data = bytes(data)
+        buf = self._buf
+        if buf:
+            if buf.__class__ is bytes:
+                buf = self._buf = bytearray(buf)
+            buf += data  # type: ignore[operator]
+            if self.paused or self._running:
+                return
+            # A line-based state can only progress once a new LF arrived.
+            if (
+                self._state in _LINE_STATES
+                and b"\n" not in data
+                and len(buf) <= self._max_header_bytes
+            ):
+                return
+        else:
+            self._buf = data
+            if self.paused or self._running:
+                return
+        self._run()
+
+    def pause(self) -> None:
+        """Stop delivering callbacks after the current one; further bytes are buffered."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Unpause and parse buffered bytes (callbacks may fire before this returns)."""
+        if not self.paused:
+            return
+        self.paused = False
+        if not self._running and self._error is None:
+            self._run()
+
+    def feed_eof(self) -> None:
+        """The peer closed. Completes a read-until-close body or a tunnel; raises ParseError if
+        the peer closed in the middle of a message. Idle (between messages) is fine. While
+        paused the EOF is remembered and handled by resume() after the buffered bytes."""
+        if self._error is not None or self._state == _CLOSED:
+            return
+        self._eof = True
+        if not self.paused and not self._running:
+            self._run()
+
+    # -- machinery -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._running = True
+        try:
+            while True:
+                buf = self._buf
+                if buf.__class__ is not bytes:
+                    buf = bytes(buf)
+                self._buf = b""
+                pos = self._parse(buf)
+                rest = buf[pos:] if pos else buf
+                if self._buf:  # fed from inside a callback: keep arrival order
+                    self._buf = rest + bytes(self._buf)
+                    if not self.paused:
+                        continue
+                else:
+                    self._buf = rest
+                break
+            if self._eof and not self.paused:
+                self._at_eof()
+        except ParseError as e:
+            self._error = e
+            self._buf = b""
+            raise
+        finally:
+            self._running = False
+
+    def _parse(self, buf: bytes) -> int:
+        pos = 0
+        end = len(buf)
+        while not self.paused:
+            state = self._state
+            if state == _HEAD:
+                if pos >= end:
+                    break
+                r = self._parse_head(buf, pos, end)
+                if r < 0:
+                    return ~r
+                pos = r
+            elif state == _BODY or state == _CHUNK_DATA:
+                avail = end - pos
+                if avail <= 0:
+                    break
+                rem = self._remaining
+                if avail < rem:
+                    self._remaining = rem - avail
+                    chunk = buf[pos:] if pos else buf
+                    pos = end
+                else:
+                    chunk = buf if (pos == 0 and rem == end) else buf[pos : pos + rem]
+                    pos += rem
+                    self._remaining = 0
+                    self._state = _DONE if state == _BODY else _CHUNK_CRLF
+                self._on_body(chunk)
+            elif state == _DONE:
+                self._state = _HEAD
+                self._on_complete()
+            elif state == _CHUNK_SIZE:
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    if end - pos > self._max_header_bytes:
+                        raise ParseError(CODEC_ERROR, self._status)
+                    break
+                m = _CHUNK_LINE(buf, pos, nl + 1)
+                if m is None:
+                    raise ParseError(CODEC_ERROR, self._status)
+                size = int(m.group(1), 16)
+                if size > _MAX_U64:
+                    raise ParseError(CODEC_ERROR, self._status)
+                pos = nl + 1
+                if size:
+                    self._remaining = size
+                    self._state = _CHUNK_DATA
+                else:
+                    self._state = _TRAILERS
+            elif state == _CHUNK_CRLF:
+                if end - pos >= 2:
+                    if buf[pos] != 13 or buf[pos + 1] != 10:
+                        raise ParseError(CODEC_ERROR, self._status)
+                    pos += 2
+                    self._state = _CHUNK_SIZE
+                else:
+                    if end - pos == 1 and buf[pos] != 13:
+                        raise ParseError(CODEC_ERROR, self._status)
+                    break
+            elif state == _TRAILERS:
+                if pos >= end:
+                    break
+                c = buf[pos]
+                if c == 10:
+                    pos += 1
+                    self._state = _DONE
+                    continue
+                if c == 13:
+                    if end - pos < 2:
+                        break
+                    if buf[pos + 1] == 10:
+                        pos += 2
+                        self._state = _DONE
+                        continue
+                    raise ParseError(CODEC_ERROR, self._status)
+                block_end, tail = _find_head_end(buf, pos)
+                if tail < 0 or tail - pos > self._max_header_bytes:
+                    if end - pos > self._max_header_bytes:
+                        _check_lines(buf, pos, pos + self._max_header_bytes)
+                        raise ParseError(
+                            HEADERS_TOO_LARGE, 431 if self._status == 400 else self._status
+                        )
+                    break
+                # Trailers are validated like headers, then dropped (Envoy's default).
+                try:
+                    _parse_fields(buf[pos:block_end], 1 << 30)
+                except ParseError as e:
+                    raise ParseError(e.details, self._status) from None
+                pos = tail
+                self._state = _DONE
+            elif state == _STREAM:
+                if pos >= end:
+                    break
+                chunk = buf[pos:] if pos else buf
+                pos = end
+                self._on_body(chunk)
+            else:  # _CLOSED: ignore anything after EOF
+                return end
+        return pos
+
+    def _at_eof(self) -> None:
+        """Called by _run once the buffer is parsed as far as it goes and we are not paused."""
+        state = self._state
+        if state == _STREAM:
+            self._state = _DONE
+            self._parse(b"")  # delivers on_message_complete
+            if self.paused:
+                return  # resume() comes back here
+            state = self._state
+        if state == _HEAD:
+            if self._buf.strip(b"\r\n"):
+                raise self._eof_error(False)
+            self._state = _CLOSED
+            self._eof = False
+        elif state != _DONE:
+            raise self._eof_error(True)
+
+    def _eof_error(self, headers_done: bool) -> ParseError:
+        raise NotImplementedError
+
+    def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
+        raise NotImplementedError
+
+
+class RequestParser(_Parser):
+    """Incremental HTTP/1 request parser (the downstream side of the connection manager).
+
+    Callbacks: ``on_request_headers(method, target, version, headers, keep_alive, has_body)``,
+    ``on_body(data)``, ``on_message_complete()``. ``target`` is the raw request-target (origin,
+    absolute, authority or asterisk form; absolute-form is NOT rewritten to a path here).
+    """
+
+    __slots__ = ("_on_headers", "_methods")
+
+    def __init__(
+        self,
+        handler: Any,
+        max_header_bytes: int = 60 * 1024,
+        max_headers_count: int = 100,
+        allow_custom_methods: bool = False,
+    ) -> None:
+        super().__init__(handler, max_header_bytes, max_headers_count, 400)
+        self._on_headers = handler.on_request_headers
+        self._methods: frozenset[bytes] | None = None if allow_custom_methods else ENVOY_METHODS
+
+    def _eof_error(self, headers_done: bool) -> ParseError:
+        return ParseError(DOWNSTREAM_EOF, 400)
+
+    def _request_line(self, line: bytes) -> tuple[bytes, bytes, int]:
+        parts = line.split(b" ")
+        if len(parts) == 3:
+            method, target, vers = parts
+            if vers == b"HTTP/1.1":
+                version = 11
+            elif vers == b"HTTP/1.0":
+                version = 10
+            else:
+                return self._request_line_slow(line)
+        else:
+            return self._request_line_slow(line)
+        methods = self._methods
+        if methods is not None:
+            if method not in methods:
+                raise ParseError(CODEC_ERROR)
+        elif _TOKEN_FULL(method) is None:
+            raise ParseError(CODEC_ERROR)
+        if _ORIGIN_FORM(target) is None or method == b"CONNECT":
+            _check_target(method, target)
+        return method, target, version
+
+    def _request_line_slow(self, line: bytes) -> tuple[bytes, bytes, int]:
+        if b"\r" in line:
+            raise ParseError(CODEC_ERROR)
+        m = _REQUEST_LINE(line)
+        if m is None:
+            raise ParseError(CODEC_ERROR)
+        method, target, vers = m.groups()
+        methods = self._methods
+        if (methods is not None and method not in methods) or _TOKEN_FULL(method) is None:
+            raise ParseError(CODEC_ERROR)
+        _check_target(method, target)
+        if vers is None:  # HTTP/0.9 request line: Envoy handles it as HTTP/1.0
+            return method, target, 10
+        if _VERSION(vers) is None:
+            raise ParseError(CODEC_ERROR)
+        return method, target, 11 if vers == b"HTTP/1.1" else 10
+
+    def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
+        # Empty lines before the request line are skipped (RFC 9112 2.2; Envoy skips any).
+        c = buf[pos]
+        while c == 13 or c == 10:
+            if c == 10:
+                pos += 1
+            elif pos + 1 < end:
+                if buf[pos + 1] != 10:
+                    raise ParseError(CODEC_ERROR)
+                pos += 2
+            else:
+                return ~pos
+            if pos >= end:
+                return ~pos
+            c = buf[pos]
+        block_end, head_end = _find_head_end(buf, pos)
+        if head_end < 0 or head_end - pos > self._max_header_bytes:
+            self._incomplete_head(buf, pos, end)
+            return ~pos
+        le = buf.find(b"\n", pos)
+        method, target, version = self._request_line(
+            buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
+        )
+        if block_end > le + 1:
+            headers, special = _parse_fields(buf[le + 1 : block_end], self._max_headers_count)
+        else:
+            headers = []
+            special = None
+        tunnel = method == b"CONNECT"
+        if special is None:
+            keep_alive = version == 11
+            has_body = tunnel
+            self._state = _STREAM if tunnel else _DONE
+        else:
+            f = _Framing(special, 400)
+            conn = f.connection
+            if conn is None:
+                keep_alive = version == 11
+            elif b"close" in conn:
+                keep_alive = False
+            else:
+                keep_alive = version == 11 or b"keep-alive" in conn
+            if (
+                f.upgrade is not None
+                and conn is not None
+                and b"upgrade" in conn
+                and not f.upgrade.lower().startswith(b"h2c")
+            ):
+                tunnel = True
+            if tunnel:
+                has_body = True
+                self._state = _STREAM
+            elif f.chunked:
+                has_body = True
+                self._state = _CHUNK_SIZE
+            elif f.content_length > 0:
+                has_body = True
+                self._remaining = f.content_length
+                self._state = _BODY
+            else:
+                has_body = False
+                self._state = _DONE
+        self._on_headers(method, target, version, headers, keep_alive, has_body)
+        return head_end
+
+    def _incomplete_head(self, buf: bytes, pos: int, end: int) -> None:
+        """No complete head yet (or one that is too big): report errors Envoy would report
+        already, else 431 once the limit is passed."""
+        limit = self._max_header_bytes
+        le = buf.find(b"\n", pos, pos + limit)
+        if le >= 0:
+            self._request_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
+        if end - pos > limit:
+            if le >= 0:
+                _check_lines(buf, le + 1, pos + limit)
+            raise ParseError(HEADERS_TOO_LARGE, 431)
+
+
+def _check_target(method: bytes, target: bytes) -> None:
+    """Envoy's request-target rules (BalsaParser isUrlValid + HCM checks)."""
+    if method == b"CONNECT":
+        m = _AUTHORITY_FORM(target)
+        if m is None or not target or b"@@" in target:
+            if _CTL(target) is not None:
+                raise ParseError(INVALID_CHARACTERS)
+            raise ParseError(INVALID_URL)
+        return
+    if _ORIGIN_FORM(target) is not None or _ASTERISK_FORM(target) is not None:
+        return
+    m = _ABSOLUTE_FORM(target)
+    if m is not None and b"@@" not in m.group(1):
+        return
+    if _CTL(target) is not None:
+        raise ParseError(INVALID_CHARACTERS)
+    raise ParseError(CODEC_ERROR)
+
+
+class ResponseParser(_Parser):
+    """Incremental HTTP/1 response parser (the upstream side of the connection pool).
+
+    Call ``expect_response(method)`` before sending each request. Callbacks:
+    ``on_response_headers(status, version, headers, keep_alive, has_body)`` for final
+    responses (and 101), ``on_informational(status, headers)`` for other 1xx,
+    ``on_body(data)``, ``on_message_complete()``. Errors carry status 502 (what Envoy's
+    router answers for an upstream protocol error).
+    """
+
+    __slots__ = ("_on_headers", "_on_info", "_expected")
+
+    def __init__(
+        self, handler: Any, max_header_bytes: int = 60 * 1024, max_headers_count: int = 100
+    ) -> None:
+        super().__init__(handler, max_header_bytes, max_headers_count, 502)
+        self._on_headers = handler.on_response_headers
+        self._on_info = handler.on_informational
+        self._expected: deque[bytes] = deque()
+
+    def expect_response(self, method: bytes) -> None:
+        """Register the method of the next request sent (HEAD/CONNECT change the framing)."""
+        self._expected.append(method)
+
+    def _eof_error(self, headers_done: bool) -> ParseError:
+        return ParseError(
+            UPSTREAM_EOF_AFTER_HEADERS if headers_done else UPSTREAM_EOF_BEFORE_HEADERS, 502
+        )
+
+    def _status_line(self, line: bytes) -> tuple[int, int]:
+        if (
+            line[:9] == b"HTTP/1.1 "
+            and line[9:12].isdigit()
+            and (len(line) == 12 or line[12] == 32)
+        ):
+            status = int(line[9:12])
+            if len(line) > 13 and _REASON_OK(line, 13) is None:
+                raise ParseError(CODEC_ERROR, 502)
+            version = 11
+        else:
+            m = _STATUS_LINE(line.rstrip(b" \t"))
+            if m is None:
+                raise ParseError(CODEC_ERROR, 502)
+            status = int(m.group(2))
+            version = 11 if m.group(1) == b"1.1" else 10
+        if status < 100:
+            raise ParseError(CODEC_ERROR, 502)
+        return status, version
+
+    def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
+        if buf[pos] != 72:  # Envoy: a response must start with "H"
+            raise ParseError(CODEC_ERROR, 502)
+        block_end, head_end = _find_head_end(buf, pos)
+        if head_end < 0 or head_end - pos > self._max_header_bytes:
+            limit = self._max_header_bytes
+            le = buf.find(b"\n", pos, pos + limit)
+            if le >= 0:
+                self._status_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
+            if end - pos > limit:
+                if le >= 0:
+                    try:
+                        _check_lines(buf, le + 1, pos + limit)
+                    except ParseError as e:
+                        raise ParseError(e.details, 502) from None
+                raise ParseError(HEADERS_TOO_LARGE, 502)
+            return ~pos
+        le = buf.find(b"\n", pos)
+        status, version = self._status_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
+        if block_end > le + 1:
+            try:
+                headers, special = _parse_fields(buf[le + 1 : block_end], self._max_headers_count)
+            except ParseError as e:
+                raise ParseError(e.details, 502) from None
+        else:
+            headers = []
+            special = None
+        f = _Framing(special, 502) if special is not None else None
+        if status < 200 and status != 101:
+            # 1xx: no body allowed (Envoy rejects CL/TE on them); the final response follows.
+            if f is not None and (f.content_length >= 0 or f.te):
+                raise ParseError(CODEC_ERROR, 502)
+            self._on_info(status, headers)
+            return head_end
+        expected = self._expected
+        method = expected.popleft() if expected else b""
+        conn = f.connection if f is not None else None
+        if conn is None:
+            keep_alive = version == 11
+        elif b"close" in conn:
+            keep_alive = False
+        else:
+            keep_alive = version == 11 or b"keep-alive" in conn
+        if status == 101 or (method == b"CONNECT" and status < 300):
+            has_body = True
+            keep_alive = False
+            state = _STREAM
+        elif method == b"HEAD" or status == 304:
+            has_body = False
+            state = _DONE
+        elif status == 204:
+            if f is not None and (f.te or f.content_length > 0):
+                raise ParseError(CODEC_ERROR, 502)
+            has_body = False
+            state = _DONE
+        elif f is not None and f.chunked:
+            has_body = True
+            state = _CHUNK_SIZE
+        elif f is not None and f.content_length >= 0:
+            has_body = f.content_length > 0
+            self._remaining = f.content_length
+            state = _BODY if has_body else _DONE
+        else:
+            has_body = True  # delimited by connection close
+            keep_alive = False
+            state = _STREAM
+        self._state = state
+        self._on_headers(status, version, headers, keep_alive, has_body)
+        return head_end
+
+
+# -- serializers ----------------------------------------------------------------------------
+
+# Envoy's CodeUtility::toString table; every other code is "Unknown".
+_REASONS = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    203: b"Non-Authoritative Information",
+    204: b"No Content",
+    205: b"Reset Content",
+    206: b"Partial Content",
+    207: b"Multi-Status",
+    208: b"Already Reported",
+    226: b"IM Used",
+    300: b"Multiple Choices",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    304: b"Not Modified",
+    305: b"Use Proxy",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    402: b"Payment Required",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    406: b"Not Acceptable",
+    407: b"Proxy Authentication Required",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    410: b"Gone",
+    411: b"Length Required",
+    412: b"Precondition Failed",
+    413: b"Payload Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    416: b"Range Not Satisfiable",
+    417: b"Expectation Failed",
+    421: b"Misdirected Request",
+    422: b"Unprocessable Entity",
+    423: b"Locked",
+    424: b"Failed Dependency",
+    425: b"Too Early",
+    426: b"Upgrade Required",
+    428: b"Precondition Required",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+    506: b"Variant Also Negotiates",
+    507: b"Insufficient Storage",
+    508: b"Loop Detected",
+    510: b"Not Extended",
+    511: b"Network Authentication Required",
+    599: b"Last Unassigned Server Error Code",
+}
+_STATUS_LINES_11 = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    """Envoy's reason phrase for ``status`` (b"Unknown" for codes Envoy does not name)."""
+    return _REASONS.get(status, b"Unknown")
+
+
+def _join_fields(out: list[bytes], headers: list[list[bytes]]) -> bytes:
+    for name, value in headers:
+        out.append(name)
+        out.append(b": ")
+        out.append(value)
+        out.append(b"\r\n")
+    out.append(b"\r\n")
+    data = b"".join(out)
+    # One C pass guards against CR/LF smuggled into a name or value (response splitting).
+    n = len(headers) + 2
+    if data.count(b"\n") != n or data.count(b"\r") != n:
+        raise ValueError("CR or LF in an HTTP/1 start line, header name or value")
+    return data
+
+
+def encode_request_head(method: bytes, target: bytes, headers: list[list[bytes]]) -> bytes:
+    """``METHOD target HTTP/1.1`` + header lines + blank line (headers must include host)."""
+    return _join_fields([method, b" ", target, b" HTTP/1.1\r\n"], headers)
+
+
+def encode_response_head(status: int, headers: list[list[bytes]], version: int = 11) -> bytes:
+    """Status line with Envoy's reason phrase + header lines + blank line."""
+    if version == 11:
+        line = _STATUS_LINES_11.get(status)
+        if line is None:
+            line = b"HTTP/1.1 %d Unknown\r\n" % status
+    else:
+        line = b"HTTP/1.0 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+    return _join_fields([line], headers)
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body; empty data encodes to b"" (LAST_CHUNK ends the body)."""
+    if not data:
+        return b""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
