@@ -132,7 +132,7 @@ class Server:
 
     def route_configs(self) -> list[Any]:
         """Static route configurations (inline in HCMs) for /config_dump."""
-        out = []
+        out: list[Any] = []
         lm = self.listener_manager
         if lm is None:
             return out
@@ -265,13 +265,9 @@ async def _serve(options: ServerOptions, bootstrap: Bootstrap) -> int:
 
 def run(options: ServerOptions, bootstrap: Bootstrap) -> int:
     """Run a server until it is told to stop; returns the process exit code."""
-    try:
-        import uvloop
+    import uvloop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
     try:
-        return runner(_serve(options, bootstrap))
+        return uvloop.run(_serve(options, bootstrap))
     except KeyboardInterrupt:
         return 0

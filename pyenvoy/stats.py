@@ -17,7 +17,7 @@ Groups of stats are declared once as data, the way Envoy's ``ALL_*_STATS`` macro
 from __future__ import annotations
 
 import bisect
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 # Envoy's default histogram bucket bounds (Stats::HistogramSettingsImpl::defaultBuckets()).
 DEFAULT_BUCKETS: tuple[float, ...] = (
@@ -197,3 +197,7 @@ class StatsStruct:
             setattr(self, name, scope.gauge(name))
         for name in self.HISTOGRAMS:
             setattr(self, name, scope.histogram(name))
+
+    if TYPE_CHECKING:
+        # Members are bound from the declared names at run time.
+        def __getattr__(self, name: str) -> Any: ...

@@ -1094,3 +1094,135 @@ def test_retry_with_backoff_reaches_second_host(loop: str) -> None:
         up.close()
 
     run(loop, main())
+
+
+# --- the same config against real Envoy and pyenvoy ---------------------------------------
+TCP_TEMPLATE = """
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: {admin_port} } }
+static_resources:
+  listeners:
+  - name: tcp
+    address: { socket_address: { address: 127.0.0.1, port_value: {listener_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp_echo
+          cluster: echo
+          idle_timeout: 0.5s
+  - name: dead
+    address: { socket_address: { address: 127.0.0.1, port_value: {dead_listener_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp_dead
+          cluster: dead
+          max_connect_attempts: 2
+  - name: noroute
+    address: { socket_address: { address: 127.0.0.1, port_value: {noroute_listener_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp_nr
+          cluster: nosuch
+  clusters:
+  - name: echo
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {upstream_port} } } }
+  - name: dead
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: dead
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {dead_port} } } }
+"""
+
+# Observed from Envoy 1.40 for exactly the traffic of the test below.
+EXPECTED_TCP_STATS = {
+    "cluster.dead.upstream_cx_connect_attempts_exceeded": 1,
+    "cluster.dead.upstream_cx_connect_fail": 2,
+    "cluster.dead.upstream_cx_destroy": 2,
+    "cluster.dead.upstream_cx_destroy_remote": 2,
+    "cluster.dead.upstream_cx_total": 2,
+    "cluster.echo.upstream_cx_destroy": 2,
+    "cluster.echo.upstream_cx_destroy_local": 1,
+    "cluster.echo.upstream_cx_destroy_local_with_active_rq": 1,
+    "cluster.echo.upstream_cx_destroy_remote": 1,
+    "cluster.echo.upstream_cx_destroy_remote_with_active_rq": 1,
+    "cluster.echo.upstream_cx_destroy_with_active_rq": 2,
+    "cluster.echo.upstream_cx_rx_bytes_total": 1048580,
+    "cluster.echo.upstream_cx_total": 2,
+    "cluster.echo.upstream_cx_tx_bytes_total": 1048577,
+    "tcp.tcp_dead.downstream_cx_total": 1,
+    "tcp.tcp_echo.downstream_cx_rx_bytes_total": 1048577,
+    "tcp.tcp_echo.downstream_cx_total": 2,
+    "tcp.tcp_echo.downstream_cx_tx_bytes_total": 1048580,
+    "tcp.tcp_echo.idle_timeout": 1,
+    "tcp.tcp_nr.downstream_cx_no_route": 1,
+    "tcp.tcp_nr.downstream_cx_total": 1,
+}
+
+
+@pytest.mark.parametrize("kind", ["envoy", "pyenvoy"])
+def test_same_behaviour_and_stats_as_envoy(kind: str) -> None:
+    import shutil
+
+    from tests.support.procs import EnvoyProcess, start_proxy
+    from tests.support.upstream import TcpEchoUpstream
+
+    if kind == "envoy" and shutil.which(EnvoyProcess.executable) is None:
+        pytest.skip("envoy binary not installed")
+    up = TcpEchoUpstream(eof_reply=b"bye")
+    up.start()
+    try:
+        p = start_proxy(kind, TCP_TEMPLATE, upstream_port=up.port)
+        try:
+            payload = os.urandom(1 << 20)
+            with socket.create_connection(("127.0.0.1", p.listener_port), timeout=5) as s:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)  # half-close: the echo and "bye" still arrive
+                got = b""
+                while d := s.recv(1 << 16):
+                    got += d
+            assert got == payload + b"bye"
+            for port in (p.dead_listener_port, p.noroute_listener_port):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    assert s.recv(10) == b""  # closed without data
+            with socket.create_connection(("127.0.0.1", p.listener_port), timeout=5) as s:
+                s.sendall(b"x")
+                assert s.recv(1) == b"x"
+                t0 = time.monotonic()
+                assert s.recv(10) == b""  # idle_timeout 0.5s
+                assert 0.3 < time.monotonic() - t0 < 2.0
+            deadline = time.monotonic() + 5
+            while True:
+                stats = p.stats()
+                seen = {
+                    k: v
+                    for k, v in stats.items()
+                    if k.startswith(("tcp.", "cluster.echo.upstream_cx", "cluster.dead.upstream_cx"))
+                    and isinstance(v, int)
+                    and v
+                    and not k.endswith(("_active", "_buffered"))
+                }
+                if seen == EXPECTED_TCP_STATS or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert seen == EXPECTED_TCP_STATS
+        finally:
+            p.stop()
+    finally:
+        up.stop()

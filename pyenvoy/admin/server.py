@@ -108,8 +108,7 @@ class _AdminConnection(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        pass  # uvloop transports are not asyncio.Transport subclasses
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         self.admin._connections.add(self)
         s = self.admin.http_stats
         if s is not None:

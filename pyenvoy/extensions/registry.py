@@ -130,10 +130,9 @@ def require(category: str, name: str, type_url: str = "", path: str = "") -> Ext
     """Like ``find`` but a missing extension is a ConfigError naming it."""
     ext = find(category, name, type_url)
     if ext is None:
-        what = name or type_url
-        if type_url and name and not type_url.endswith(name):
-            what = f"{name} ({type_url})"
-        raise ConfigError(f"{what} is not supported by pyenvoy", path)
+        what = name or type_url_of(type_url)
+        detail = f" (typed_config {type_url_of(type_url)})" if name and type_url else ""
+        raise ConfigError(f"{what} is not supported by pyenvoy{detail}", path)
     return ext
 
 

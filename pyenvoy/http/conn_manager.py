@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 

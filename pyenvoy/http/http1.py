@@ -93,6 +93,9 @@ _FIELD_LINE = re.compile(
     rb"|([^\n]*))\r?\n"
 )
 _findall_fields = _FIELD_LINE.findall
+# Fast path line regex: validity of the characters is checked separately with translate().
+_findall_crlf_fields = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n]*)\r\n").findall
+_FIELD_CHARS = bytes(c for c in range(256) if c in (9, 10, 13) or 32 <= c < 127 or c >= 128)
 _NAME_COLON = re.compile(_TOKEN + rb":").match
 _OBS_FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
 _HEAD_END = re.compile(rb"\n\r?\n").search
@@ -140,7 +143,7 @@ def _field_error(line: bytes) -> ParseError:
 
 def _parse_fields(
     block: bytes, max_count: int
-) -> tuple[list[list[bytes]], list[tuple[bytes, bytes]] | None]:
+) -> tuple[list[list[bytes]], list[list[bytes]] | None]:
     """Header block (lines each ending in LF) -> ([name, value] list, framing headers or None)."""
     found = _findall_fields(block)
     if len(found) > max_count:
@@ -153,18 +156,18 @@ def _parse_fields(
             raise ParseError(TOO_MANY_HEADERS, 431)
     headers: list[list[bytes]] = []
     append = headers.append
-    special: list[tuple[bytes, bytes]] | None = None
+    special: list[list[bytes]] | None = None
     for name, value, bad in found:
         if bad or not name:
             if bad[:1] in (b" ", b"\t"):
                 return _parse_fields(_unfold(block), max_count)
             raise _field_error(bad)
-        name = name.lower()
-        if name in _SPECIAL:
+        h = [name.lower(), value]
+        if h[0] in _SPECIAL:
             if special is None:
                 special = []
-            special.append((name, value))
-        append([name, value])
+            special.append(h)
+        append(h)
     return headers, special
 
 
@@ -200,56 +203,82 @@ def _find_head_end(buf: bytes, pos: int) -> tuple[int, int]:
     return m.start() + 1, m.end()
 
 
-def _connection_tokens(values: list[bytes]) -> set[bytes]:
+_KEEP_ALIVE_TOKENS = frozenset((b"keep-alive",))
+_CLOSE_TOKENS = frozenset((b"close",))
+
+
+def _connection_tokens(values: list[bytes]) -> frozenset[bytes]:
+    if len(values) == 1:
+        v = values[0].lower()
+        if v == b"keep-alive":
+            return _KEEP_ALIVE_TOKENS
+        if v == b"close":
+            return _CLOSE_TOKENS
     tokens: set[bytes] = set()
     for v in values:
         for t in v.lower().split(b","):
             t = t.strip(b" \t")
             if t:
                 tokens.add(t)
-    return tokens
+    return frozenset(tokens)
 
 
-class _Framing:
-    """Framing-relevant header values of one message (only built when any is present)."""
+def _framing(
+    special: list[list[bytes]], status: int
+) -> tuple[int, bool, bool, frozenset[bytes] | None, bytes | None]:
+    """Framing headers -> (content_length or -1, chunked, has TE, Connection tokens, Upgrade).
 
-    __slots__ = ("content_length", "chunked", "te", "connection", "upgrade")
+    Check order follows Envoy: repeated Content-Length (Balsa, even "2, 2" or equal copies)
+    -> any CL with TE (400 content_length_and_chunked_not_allowed) -> CL syntax -> TE other
+    than one "chunked" (501 invalid_transfer_encoding)."""
+    cls: list[bytes] = []
+    tes: list[bytes] = []
+    conn: list[bytes] = []
+    upgrade: bytes | None = None
+    for name, value in special:
+        if name == b"connection":
+            conn.append(value)
+        elif name == b"content-length":
+            cls.append(value)
+        elif name == b"transfer-encoding":
+            tes.append(value)
+        else:
+            upgrade = value
+    content_length = -1
+    chunked = False
+    if cls:
+        if len(cls) > 1:
+            raise ParseError(CODEC_ERROR, status)
+        if tes:
+            raise ParseError(CL_AND_CHUNKED, status)
+        v = cls[0]
+        if not (v.isdigit() and v.isascii()):
+            raise ParseError(CODEC_ERROR, status)
+        content_length = int(v)
+        if content_length > _MAX_U64:
+            raise ParseError(CODEC_ERROR, status)
+    elif tes:
+        if len(tes) != 1 or tes[0].lower() != b"chunked":
+            raise ParseError(INVALID_TE, 501 if status == 400 else status)
+        chunked = True
+    return content_length, chunked, bool(tes), _connection_tokens(conn) if conn else None, upgrade
 
-    def __init__(self, special: list[tuple[bytes, bytes]], status: int) -> None:
-        cls: list[bytes] = []
-        tes: list[bytes] = []
-        conn: list[bytes] = []
-        self.upgrade: bytes | None = None
-        for name, value in special:
-            if name == b"content-length":
-                cls.append(value)
-            elif name == b"transfer-encoding":
-                tes.append(value)
-            elif name == b"connection":
-                conn.append(value)
-            else:
-                self.upgrade = value
-        self.content_length = -1
-        self.chunked = False
-        self.te = bool(tes)
-        if cls:
-            # Balsa rejects a repeated Content-Length (even "2, 2" or two equal headers).
-            if len(cls) > 1:
-                raise ParseError(CODEC_ERROR, status)
-            if tes:
-                raise ParseError(CL_AND_CHUNKED, status)
-            v = cls[0]
-            if not (v.isdigit() and v.isascii()):
-                raise ParseError(CODEC_ERROR, status)
-            n = int(v)
-            if n > _MAX_U64:
-                raise ParseError(CODEC_ERROR, status)
-            self.content_length = n
-        elif tes:
-            if len(tes) != 1 or tes[0].lower() != b"chunked":
-                raise ParseError(INVALID_TE, 501 if status == 400 else status)
-            self.chunked = True
-        self.connection = _connection_tokens(conn) if conn else None
+
+def _fields_fast(block: bytes, max_count: int) -> list[list[bytes]] | None:
+    """The common case: CRLF lines, token names, no CTLs, no obs-fold. Returns None when the
+    block needs the general path (which then also produces the exact error)."""
+    found = _findall_crlf_fields(block)
+    if (
+        len(found) != block.count(b"\n")
+        or len(found) > max_count
+        or block.translate(None, _FIELD_CHARS)
+    ):
+        return None
+    headers = [[n.lower(), v] for n, v in found]
+    if b" \r\n" in block or b"\t\r\n" in block:
+        for h in headers:
+            h[1] = h[1].rstrip(b" \t")
+    return headers
 
 
 class _Parser:
@@ -577,6 +606,26 @@ class RequestParser(_Parser):
             if pos >= end:
                 return ~pos
             c = buf[pos]
+        # Fast path: CRLF head. Anything unusual (bare LF, obs-fold, bad bytes, limits) falls
+        # through to the general path, which re-parses the head and reports the exact error.
+        hend = buf.find(b"\r\n\r\n", pos)
+        if hend >= 0 and hend + 4 - pos <= self._max_header_bytes:
+            le = buf.find(b"\n", pos)
+            method, target, version = self._request_line(
+                buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
+            )
+            if hend + 2 > le + 1:
+                headers = _fields_fast(buf[le + 1 : hend + 2], self._max_headers_count)
+                if headers is not None:
+                    special = [h for h in headers if h[0] in _SPECIAL]
+                    self._finish_head(method, target, version, headers, special or None)
+                    return hend + 4
+            else:
+                self._finish_head(method, target, version, [], None)
+                return hend + 4
+        return self._parse_head_general(buf, pos, end)
+
+    def _parse_head_general(self, buf: bytes, pos: int, end: int) -> int:
         block_end, head_end = _find_head_end(buf, pos)
         if head_end < 0 or head_end - pos > self._max_header_bytes:
             self._incomplete_head(buf, pos, end)
@@ -590,14 +639,24 @@ class RequestParser(_Parser):
         else:
             headers = []
             special = None
+        self._finish_head(method, target, version, headers, special)
+        return head_end
+
+    def _finish_head(
+        self,
+        method: bytes,
+        target: bytes,
+        version: int,
+        headers: list[list[bytes]],
+        special: list[list[bytes]] | None,
+    ) -> None:
         tunnel = method == b"CONNECT"
         if special is None:
             keep_alive = version == 11
             has_body = tunnel
             self._state = _STREAM if tunnel else _DONE
         else:
-            f = _Framing(special, 400)
-            conn = f.connection
+            content_length, chunked, _te, conn, upgrade = _framing(special, 400)
             if conn is None:
                 keep_alive = version == 11
             elif b"close" in conn:
@@ -605,27 +664,26 @@ class RequestParser(_Parser):
             else:
                 keep_alive = version == 11 or b"keep-alive" in conn
             if (
-                f.upgrade is not None
+                upgrade is not None
                 and conn is not None
                 and b"upgrade" in conn
-                and not f.upgrade.lower().startswith(b"h2c")
+                and not upgrade.lower().startswith(b"h2c")
             ):
                 tunnel = True
             if tunnel:
                 has_body = True
                 self._state = _STREAM
-            elif f.chunked:
+            elif chunked:
                 has_body = True
                 self._state = _CHUNK_SIZE
-            elif f.content_length > 0:
+            elif content_length > 0:
                 has_body = True
-                self._remaining = f.content_length
+                self._remaining = content_length
                 self._state = _BODY
             else:
                 has_body = False
                 self._state = _DONE
         self._on_headers(method, target, version, headers, keep_alive, has_body)
-        return head_end
 
     def _incomplete_head(self, buf: bytes, pos: int, end: int) -> None:
         """No complete head yet (or one that is too big): report errors Envoy would report
@@ -711,6 +769,24 @@ class ResponseParser(_Parser):
     def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
         if buf[pos] != 72:  # Envoy: a response must start with "H"
             raise ParseError(CODEC_ERROR, 502)
+        hend = buf.find(b"\r\n\r\n", pos)
+        if hend >= 0 and hend + 4 - pos <= self._max_header_bytes:
+            le = buf.find(b"\n", pos)
+            status, version = self._status_line(
+                buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
+            )
+            if hend + 2 > le + 1:
+                headers = _fields_fast(buf[le + 1 : hend + 2], self._max_headers_count)
+                if headers is not None:
+                    special = [h for h in headers if h[0] in _SPECIAL]
+                    self._finish_head(status, version, headers, special or None)
+                    return hend + 4
+            else:
+                self._finish_head(status, version, [], None)
+                return hend + 4
+        return self._parse_head_general(buf, pos, end)
+
+    def _parse_head_general(self, buf: bytes, pos: int, end: int) -> int:
         block_end, head_end = _find_head_end(buf, pos)
         if head_end < 0 or head_end - pos > self._max_header_bytes:
             limit = self._max_header_bytes
@@ -735,16 +811,28 @@ class ResponseParser(_Parser):
         else:
             headers = []
             special = None
-        f = _Framing(special, 502) if special is not None else None
+        self._finish_head(status, version, headers, special)
+        return head_end
+
+    def _finish_head(
+        self,
+        status: int,
+        version: int,
+        headers: list[list[bytes]],
+        special: list[list[bytes]] | None,
+    ) -> None:
+        if special is not None:
+            content_length, chunked, te, conn, _upgrade = _framing(special, 502)
+        else:
+            content_length, chunked, te, conn = -1, False, False, None
         if status < 200 and status != 101:
             # 1xx: no body allowed (Envoy rejects CL/TE on them); the final response follows.
-            if f is not None and (f.content_length >= 0 or f.te):
+            if content_length >= 0 or te:
                 raise ParseError(CODEC_ERROR, 502)
             self._on_info(status, headers)
-            return head_end
+            return
         expected = self._expected
         method = expected.popleft() if expected else b""
-        conn = f.connection if f is not None else None
         if conn is None:
             keep_alive = version == 11
         elif b"close" in conn:
@@ -759,16 +847,16 @@ class ResponseParser(_Parser):
             has_body = False
             state = _DONE
         elif status == 204:
-            if f is not None and (f.te or f.content_length > 0):
+            if te or content_length > 0:
                 raise ParseError(CODEC_ERROR, 502)
             has_body = False
             state = _DONE
-        elif f is not None and f.chunked:
+        elif chunked:
             has_body = True
             state = _CHUNK_SIZE
-        elif f is not None and f.content_length >= 0:
-            has_body = f.content_length > 0
-            self._remaining = f.content_length
+        elif content_length >= 0:
+            has_body = content_length > 0
+            self._remaining = content_length
             state = _BODY if has_body else _DONE
         else:
             has_body = True  # delimited by connection close
@@ -776,7 +864,6 @@ class ResponseParser(_Parser):
             state = _STREAM
         self._state = state
         self._on_headers(status, version, headers, keep_alive, has_body)
-        return head_end
 
 
 # -- serializers ----------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class Connection(asyncio.Protocol):
             except OSError:
                 pass
         limit = self.buffer_limit
-        transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 2)  # type: ignore[union-attr]
         if self.listener is not None:
             self.listener.on_connection_open(self)
         filters = [make() for make in self._filter_factories]

@@ -411,8 +411,8 @@ class Cluster:
         fam = self.dns_family
         family = {"V4_ONLY": socket.AF_INET, "V6_ONLY": socket.AF_INET6}.get(fam, socket.AF_UNSPEC)
         infos = await loop.getaddrinfo(name, port, family=family, type=socket.SOCK_STREAM)
-        v4 = [i[4][0] for i in infos if i[0] == socket.AF_INET]
-        v6 = [i[4][0] for i in infos if i[0] == socket.AF_INET6]
+        v4 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET]
+        v6 = [str(i[4][0]) for i in infos if i[0] == socket.AF_INET6]
         if fam == "AUTO":  # Envoy: prefer IPv6, fall back to IPv4
             ordered = v6 or v4
         elif fam == "V4_PREFERRED":

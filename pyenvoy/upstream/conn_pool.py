@@ -105,7 +105,7 @@ class ActiveClient(asyncio.Protocol):
             except OSError:
                 pass
         limit = self.pool.info.per_connection_buffer_limit_bytes
-        transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 2)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.stats.upstream_cx_rx_bytes_total.value += len(data)
@@ -359,7 +359,7 @@ class Http1ConnPool:
             await asyncio.wait_for(
                 loop.create_connection(lambda: client, host, port), self.info.connect_timeout
             )
-        except (TimeoutError, asyncio.TimeoutError) as e:
+        except TimeoutError as e:
             self.connecting -= 1
             stats.upstream_cx_connect_timeout.inc()
             stats.upstream_cx_connect_fail.inc()

@@ -110,7 +110,7 @@ class HealthChecker:
         """(healthy, network_failure)."""
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(*host.address), self.timeout)
-        except (OSError, TimeoutError, asyncio.TimeoutError):
+        except (OSError, TimeoutError):
             return False, True
         try:
             if self.kind == "tcp_health_check":
@@ -129,7 +129,7 @@ class HealthChecker:
                 return False, False
             status = int(parts[1])
             return any(lo <= status < hi for lo, hi in self.expected), False
-        except (OSError, TimeoutError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
             return False, True
         finally:
             writer.close()

@@ -5,8 +5,8 @@ Strategy: the factory compiles the ``headers`` matchers into closures, turns
 name), and for ``cache_time`` builds one shared HealthCheckCache. Envoy's cache is cleared
 by a timer every ``cache_time``; here the same periods are computed from the monotonic
 clock (a response cached in period N is used until period N ends), so there is no timer.
-Stats are Envoy's ``<HCM stats prefix>health_check.*``; the HTTP connection manager passes
-its prefix (``http.<stat_prefix>.``) in ``ctx.extra["stats_prefix"]``.
+Stats are Envoy's ``http.<HCM stat_prefix>.health_check.*``; the prefix comes from the
+connection manager through ``ctx.extra`` (see ``_stats_prefix``).
 """
 
 from __future__ import annotations
@@ -87,12 +87,17 @@ def _field(path: str, name: str) -> str:
 
 
 def _stats_prefix(ctx: FactoryContext) -> str:
-    """Envoy passes HTTP filter factories ``http.<hcm stat_prefix>.``."""
-    prefix = ctx.extra.get("stats_prefix")
-    if prefix is None:
-        sp = ctx.extra.get("stat_prefix")
-        prefix = f"http.{sp}." if sp is not None else ""
-    return str(prefix)
+    """Envoy passes HTTP filter factories ``http.<hcm stat_prefix>.``: taken from
+    ``ctx.extra["stats_prefix"]``, else from the HCM config in ``ctx.extra["hcm"]`` (or a
+    raw ``ctx.extra["stat_prefix"]``); with none of them the stats live at the root."""
+    extra = ctx.extra
+    prefix = extra.get("stats_prefix")
+    if prefix is not None:
+        return str(prefix)
+    sp = extra.get("stat_prefix")
+    if sp is None:
+        sp = getattr(extra.get("hcm"), "stat_prefix", None)
+    return f"http.{sp}." if sp is not None else ""
 
 
 class HealthCheckConfig:
