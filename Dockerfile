@@ -18,7 +18,15 @@ RUN pip install /src \
  && rm -rf /src \
  && useradd --system --no-create-home --shell /usr/sbin/nologin pyenvoy
 
+# The demo config binds 127.0.0.1, which is unreachable from outside a container:
+# bind its listeners and admin to 0.0.0.0 here, then check the result loads.
 COPY configs/demo.yaml /etc/pyenvoy/envoy.yaml
+RUN python -c 'import yaml; p = "/etc/pyenvoy/envoy.yaml"; c = yaml.safe_load(open(p)); \
+s = [l["address"]["socket_address"] for l in c.get("static_resources", {}).get("listeners", [])]; \
+s += [c["admin"]["address"]["socket_address"]] if "admin" in c else []; \
+[a.update(address="0.0.0.0") for a in s if a.get("address") == "127.0.0.1"]; \
+open(p, "w").write(yaml.safe_dump(c, sort_keys=False))' \
+ && pyenvoy --mode validate -c /etc/pyenvoy/envoy.yaml
 
 USER pyenvoy
 WORKDIR /tmp

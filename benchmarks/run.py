@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import shutil
 import signal
@@ -243,10 +244,10 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
         log(f"process {proc.pid} did not die")
 
 
-def session_cpu_seconds(sid: int) -> float:
-    """utime+stime of all live processes in session sid (threads included)."""
+def cpu_by_session(sids: tuple[int, ...]) -> dict[int, float]:
+    """utime+stime seconds of all live processes per session id (threads included)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    totals = dict.fromkeys(sids, 0)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -256,10 +257,42 @@ def session_cpu_seconds(sid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2 :].split()
-        # fields[0] is state (field 3); session is field 6, utime 14, stime 15.
-        if int(fields[3]) == sid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        # fields[0] is field 3 (state): session is field 6, utime 14, stime 15.
+        sid = int(fields[3])
+        if sid in totals:
+            totals[sid] += int(fields[11]) + int(fields[12])
+    return {sid: t / tick for sid, t in totals.items()}
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    wall: float
+    machine: float  # user+nice+system seconds of the whole machine
+    ours: float  # proxy + upstreams + load generator + this script
+    proxy: float
+
+    @classmethod
+    def take(cls, proxy_sid: int, helper_sids: tuple[int, ...]) -> CpuSnapshot:
+        with open("/proc/stat") as f:
+            cpu = f.readline().split()
+        machine = (int(cpu[1]) + int(cpu[2]) + int(cpu[3])) / os.sysconf("SC_CLK_TCK")
+        sessions = cpu_by_session((proxy_sid, *helper_sids))
+        usage = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            ru = resource.getrusage(who)
+            usage += ru.ru_utime + ru.ru_stime
+        return cls(time.monotonic(), machine, sum(sessions.values()) + usage, sessions[proxy_sid])
+
+
+def foreign_cores(before: CpuSnapshot, after: CpuSnapshot) -> float:
+    """CPU (in cores) that processes outside this benchmark used during the window.
+
+    Softirq time (loopback packet processing) is left out on both sides, so
+    this approximates other users of the machine: the number that explains a
+    disturbed round on a shared box.
+    """
+    wall = max(after.wall - before.wall, 1e-9)
+    return max(0.0, (after.machine - before.machine) - (after.ours - before.ours)) / wall
 
 
 def _pin(cpu: int | None) -> Any:
@@ -415,10 +448,6 @@ class Proxy:
             stop_process(self.proc)
             self.proc = None
 
-    def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        return session_cpu_seconds(self.proc.pid)
-
 
 def admin_counters(admin_port: int) -> dict[str, int]:
     """A few sanity counters from the admin /stats endpoint (empty if unavailable)."""
@@ -511,6 +540,17 @@ def run_tcp(tcp_port: int, duration: int, cpu: int | None) -> dict[str, Any]:
     }
 
 
+def _describe(sc: Scenario, m: dict[str, Any]) -> str:
+    if sc.kind == "wrk":
+        text = f"{m['rps']:,.0f} req/s, p99 {m['p99_ms']:.2f} ms"
+    else:
+        text = f"{m['mb_per_s']:,.0f} MB/s"
+    text += f", proxy CPU {m['proxy_cpu_util']:.2f}, others {m['foreign_cores']:.2f} cores"
+    if m["error_total"]:
+        text += f", {m['error_total']} ERRORS"
+    return text
+
+
 def measure(
     proxy: Proxy,
     sc: Scenario,
@@ -518,29 +558,31 @@ def measure(
     args: argparse.Namespace,
     scripts: dict[str, Path],
     load_cpu: int | None,
+    helper_sids: tuple[int, ...],
 ) -> dict[str, Any]:
+    """Start the proxy, warm up, measure one run, stop the proxy."""
+
+    def load(seconds: int) -> dict[str, Any]:
+        if sc.kind == "wrk":
+            return run_wrk(sc, ports["http"], seconds, args.wrk_threads, scripts[sc.name], load_cpu)
+        return run_tcp(ports["tcp"], seconds, load_cpu)
+
     proxy.start(ports["http"], args.start_timeout)
     try:
+        if args.warmup > 0:
+            load(args.warmup)
+        assert proxy.proc is not None
+        before = CpuSnapshot.take(proxy.proc.pid, helper_sids)
+        result = load(args.duration)
+        after = CpuSnapshot.take(proxy.proc.pid, helper_sids)
+        cpu = after.proxy - before.proxy
         if sc.kind == "wrk":
-            if args.warmup > 0:
-                run_wrk(
-                    sc, ports["http"], args.warmup, args.wrk_threads, scripts[sc.name], load_cpu
-                )
-            cpu0 = proxy.cpu_seconds()
-            result = run_wrk(
-                sc, ports["http"], args.duration, args.wrk_threads, scripts[sc.name], load_cpu
-            )
-            cpu = proxy.cpu_seconds() - cpu0
             result["cpu_us_per_req"] = cpu / max(result["requests"], 1) * 1e6
         else:
-            if args.warmup > 0:
-                run_tcp(ports["tcp"], args.warmup, load_cpu)
-            cpu0 = proxy.cpu_seconds()
-            result = run_tcp(ports["tcp"], args.duration, load_cpu)
-            cpu = proxy.cpu_seconds() - cpu0
             result["cpu_s_per_gb"] = cpu / max(result["bytes"], 1) * 1e9
         result["proxy_cpu_s"] = round(cpu, 3)
-        result["proxy_cpu_util"] = round(cpu / max(result["seconds"], 1e-9), 3)
+        result["proxy_cpu_util"] = round(cpu / max(after.wall - before.wall, 1e-9), 3)
+        result["foreign_cores"] = round(foreign_cores(before, after), 3)
         result["admin"] = admin_counters(ports["admin"])
         result["loadavg_1m"] = os.getloadavg()[0]
         return result
@@ -555,37 +597,34 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def summarize(sc: Scenario, rounds: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+def summarize(
+    sc: Scenario, rounds: list[dict[str, Any]], labels: list[str], quiet: float
+) -> dict[str, Any]:
+    """Medians of raw values per proxy and medians of the per-round ratios."""
     metric = "rps" if sc.kind == "wrk" else "mb_per_s"
-    out: dict[str, Any] = {"metric": metric}
+    cpu_key = "cpu_us_per_req" if sc.kind == "wrk" else "cpu_s_per_gb"
+    out: dict[str, Any] = {"metric": metric, "rounds": len(rounds)}
+    out["disturbed_rounds"] = sum(1 for r in rounds if r["foreign_cores"] > quiet)
     for label in labels:
-        vals = [r[label][metric] for r in rounds if label in r]
-        out[f"{label}_{metric}_median"] = _median(vals)
+        out[f"{label}_{metric}_median"] = _median([r[label][metric] for r in rounds])
         if sc.kind == "wrk":
-            out[f"{label}_p99_ms_median"] = _median(
-                [r[label]["p99_ms"] for r in rounds if label in r]
-            )
-            out[f"{label}_cpu_us_per_req_median"] = _median(
-                [r[label]["cpu_us_per_req"] for r in rounds if label in r]
-            )
-        out[f"{label}_errors"] = sum(r[label]["error_total"] for r in rounds if label in r)
-    if len(labels) == 2:
-        a, b = labels
-        pairs = [r for r in rounds if a in r and b in r]
-        ratios = [r[b][metric] / r[a][metric] for r in pairs if r[a][metric] > 0]
-        out[f"{metric}_ratios"] = ratios
-        out[f"{metric}_ratio_median"] = _median(ratios)
-        if sc.kind == "wrk":
-            p99 = [r[b]["p99_ms"] / r[a]["p99_ms"] for r in pairs if r[a]["p99_ms"] > 0]
-            out["p99_ratios"] = p99
-            out["p99_ratio_median"] = _median(p99)
-            cpu = [
-                r[b]["cpu_us_per_req"] / r[a]["cpu_us_per_req"]
-                for r in pairs
-                if r[a]["cpu_us_per_req"] > 0
-            ]
-            out["cpu_per_req_ratios"] = cpu
-            out["cpu_per_req_ratio_median"] = _median(cpu)
+            out[f"{label}_p99_ms_median"] = _median([r[label]["p99_ms"] for r in rounds])
+        out[f"{label}_{cpu_key}_median"] = _median([r[label][cpu_key] for r in rounds])
+        out[f"{label}_errors"] = sum(r[label]["error_total"] for r in rounds)
+    if len(labels) != 2:
+        return out
+    a, b = labels
+    keys = [(metric, metric), (cpu_key, "cpu")]
+    if sc.kind == "wrk":
+        keys.append(("p99_ms", "p99"))
+    for key, name in keys:
+        ratios = [r[b][key] / r[a][key] for r in rounds if r[a][key] > 0]
+        out[f"{name}_ratios"] = ratios
+        out[f"{name}_ratio_median"] = _median(ratios)
+        quiet_ratios = [
+            r[b][key] / r[a][key] for r in rounds if r[a][key] > 0 and r["foreign_cores"] <= quiet
+        ]
+        out[f"{name}_ratio_median_quiet_rounds"] = _median(quiet_ratios)
     return out
 
 
@@ -599,78 +638,75 @@ def _ratio(median: float | None, xs: list[float] | None) -> str:
     return f"{median:.3f} ({min(xs):.2f}–{max(xs):.2f})"
 
 
+def _rate(value: float | None, metric: str) -> str:
+    return _f(value) + (" req/s" if metric == "rps" else " MB/s") if value is not None else "–"
+
+
 def markdown(report: dict[str, Any]) -> str:
+    """The summary table: medians of raw values and of per-round ratios."""
     labels: list[str] = report["labels"]
     two = len(labels) == 2
-    lines = []
-    head = ["scenario", "upstream", "unit"]
-    for label in labels:
-        head.append(f"{label} rate")
+    head = ["scenario", "upstream", *labels]
     if two:
         head.append("rate ratio (min–max)")
-    for label in labels:
-        head.append(f"{label} p99 ms")
+    head += [f"{label} p99 ms" for label in labels]
     if two:
-        head += ["p99 ratio (min–max)", "CPU/req ratio"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+        head += ["p99 ratio (min–max)", "CPU ratio (min–max)"]
+    head.append("disturbed rounds")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, sres in report["scenarios"].items():
-        sc = next(s for s in SCENARIOS if s.name == name)
-        summ = sres["summary"]
+        summ = sres.get("summary")
+        if summ is None:
+            continue
         metric = summ["metric"]
-        unit = "req/s" if metric == "rps" else "MB/s"
-        row = [name, sc.upstream, unit]
+        row = [name, sres["upstream"]]
         for label in labels:
-            cell = _f(summ[f"{label}_{metric}_median"])
+            cell = _rate(summ[f"{label}_{metric}_median"], metric)
             if summ[f"{label}_errors"]:
-                cell += f" ⚠{summ[f'{label}_errors']} err"
+                cell += f" ⚠ {summ[f'{label}_errors']} errors"
             row.append(cell)
         if two:
             row.append(_ratio(summ[f"{metric}_ratio_median"], summ[f"{metric}_ratios"]))
-        for label in labels:
-            row.append(_f(summ.get(f"{label}_p99_ms_median"), "{:.2f}"))
+        row += [_f(summ.get(f"{label}_p99_ms_median"), "{:.2f}") for label in labels]
         if two:
             row.append(_ratio(summ.get("p99_ratio_median"), summ.get("p99_ratios")))
-            row.append(_f(summ.get("cpu_per_req_ratio_median"), "{:.3f}"))
+            row.append(_ratio(summ.get("cpu_ratio_median"), summ.get("cpu_ratios")))
+        row.append(f"{summ['disturbed_rounds']}/{summ['rounds']}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def markdown_rounds(report: dict[str, Any]) -> str:
+    """Every round's raw numbers (CPU = proxy CPU per request or per GB)."""
     labels: list[str] = report["labels"]
-    lines = []
+    two = len(labels) == 2
     head = ["scenario", "round"]
     for label in labels:
         head += [f"{label} rate", f"{label} p99 ms", f"{label} CPU"]
-    if len(labels) == 2:
+    if two:
         head += ["rate ratio", "p99 ratio"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    head.append("others (cores)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, sres in report["scenarios"].items():
-        metric = sres["summary"]["metric"]
+        wrk = sres["kind"] == "wrk"
+        metric = "rps" if wrk else "mb_per_s"
         for i, rnd in enumerate(sres["rounds"], 1):
             row = [name, str(i)]
             for label in labels:
-                m = rnd.get(label)
-                if m is None:
-                    row += ["–", "–", "–"]
-                    continue
-                row.append(_f(m[metric]))
-                row.append(_f(m.get("p99_ms"), "{:.2f}"))
-                if "cpu_us_per_req" in m:
+                m = rnd[label]
+                row += [_rate(m[metric], metric), _f(m.get("p99_ms"), "{:.2f}")]
+                if wrk:
                     row.append(f"{m['cpu_us_per_req']:.1f} µs/req")
                 else:
-                    row.append(f"{m.get('cpu_s_per_gb', 0):.2f} s/GB")
-            if len(labels) == 2:
-                a, b = (rnd.get(x) for x in labels)
-                if a and b and a[metric]:
-                    row.append(f"{b[metric] / a[metric]:.3f}")
-                    if a.get("p99_ms"):
-                        row.append(f"{b['p99_ms'] / a['p99_ms']:.3f}")
-                    else:
-                        row.append("–")
-                else:
-                    row += ["–", "–"]
+                    row.append(f"{m['cpu_s_per_gb']:.2f} s/GB")
+            if two:
+                a, b = (rnd[x] for x in labels)
+                row.append(f"{b[metric] / a[metric]:.3f}" if a[metric] else "–")
+                row.append(f"{b['p99_ms'] / a['p99_ms']:.3f}" if wrk and a["p99_ms"] else "–")
+            row.append(
+                f"{rnd['foreign_cores']:.2f}"
+                + (f" ({rnd['attempts']} tries)" if rnd["attempts"] > 1 else "")
+            )
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -718,6 +754,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--pin",
         action="store_true",
         help="pin each proxy to CPU 1 and wrk/nginx/sink/sender to CPU 0 (default: no pinning)",
+    )
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.3,
+        help="a round is 'disturbed' when processes outside the benchmark used more CPU "
+        "than this many cores during either run (default 0.3)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="measure a disturbed round again up to N times, keeping the quietest (default 0)",
     )
     p.add_argument("--label", default="", help="tag added to the results file name")
     p.add_argument(
@@ -768,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         started.append(start_nginx(tmp, ports["nginx"], load_cpu))
         if any(s.kind == "tcp" for s in scenarios):
             started.append(start_sink(tmp, ports["sink"], load_cpu))
+        helper_sids = tuple(p.pid for p in started)
 
         fmt = {"config": str(config), "python": sys.executable}
         cmds = {"envoy": args.envoy_cmd, "pyenvoy": args.pyenvoy_cmd}
@@ -809,23 +859,33 @@ def main(argv: list[str] | None = None) -> int:
             report["scenarios"][sc.name] = {
                 "description": sc.description,
                 "upstream": sc.upstream,
+                "kind": sc.kind,
                 "connections": sc.connections if sc.kind == "wrk" else 1,
                 "rounds": rounds,
             }
             for i in range(args.rounds):
-                rnd: dict[str, Any] = {}
-                rounds.append(rnd)
-                for label in labels:
-                    m = measure(proxies[label], sc, ports, args, scripts, load_cpu)
-                    rnd[label] = m
-                    unit = "req/s" if sc.kind == "wrk" else "MB/s"
-                    rate = m["rps"] if sc.kind == "wrk" else m["mb_per_s"]
-                    extra = f", p99 {m['p99_ms']:.2f} ms" if "p99_ms" in m else ""
-                    err = f", {m['error_total']} errors" if m["error_total"] else ""
+                best: dict[str, Any] | None = None
+                for attempt in range(args.retries + 1):
+                    rnd: dict[str, Any] = {}
+                    for label in labels:
+                        m = measure(proxies[label], sc, ports, args, scripts, load_cpu, helper_sids)
+                        rnd[label] = m
+                        log(f"{sc.name} round {i + 1}/{args.rounds} {label}: {_describe(sc, m)}")
+                    rnd["foreign_cores"] = max(rnd[label]["foreign_cores"] for label in labels)
+                    rnd["attempts"] = attempt + 1
+                    if best is None or rnd["foreign_cores"] < best["foreign_cores"]:
+                        best = rnd
+                    if rnd["foreign_cores"] <= args.quiet_threshold:
+                        break
+                    more = ", measuring the round again" if attempt < args.retries else ""
                     log(
-                        f"{sc.name} round {i + 1}/{args.rounds} {label}: {rate:,.0f} {unit}{extra}{err}"
+                        f"round disturbed: other processes used {rnd['foreign_cores']:.2f} cores{more}"
                     )
-            report["scenarios"][sc.name]["summary"] = summarize(sc, rounds, labels)
+                assert best is not None
+                rounds.append(best)
+            report["scenarios"][sc.name]["summary"] = summarize(
+                sc, rounds, labels, args.quiet_threshold
+            )
         finished = True
     except KeyboardInterrupt:
         log("interrupted")
@@ -847,6 +907,13 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2))
             log(f"results written to {out}")
+            for label, proxy in proxies.items():
+                # Keep a proxy's output when it said more than our start markers.
+                text = proxy.log_path.read_text(errors="replace") if proxy.log_path.exists() else ""
+                if any(ln and not ln.startswith("==== start") for ln in text.splitlines()):
+                    kept = out.with_suffix(f".{label}.log")
+                    kept.write_text(text)
+                    log(f"{label} wrote to its log: see {kept}")
         if finished:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,11 @@ class ListenerStats(StatsStruct):
     )
     GAUGES = ("downstream_cx_active", "downstream_pre_cx_active")
     HISTOGRAMS = ("downstream_cx_length_ms",)
+
+
+class ListenerWorkerStats(StatsStruct):
+    COUNTERS = ("downstream_cx_total",)
+    GAUGES = ("downstream_cx_active",)
 
 
 class ListenerManagerStats(StatsStruct):
@@ -121,6 +127,8 @@ class Listener:
         self.stat_prefix = proto.stat_prefix or listener_stat_address(self.host, self.port)
         self.scope = stats.scope(f"listener.{self.stat_prefix}")
         self.stats = ListenerStats(self.scope)
+        # Per-worker twins (``listener.<address>.worker_0.*``); pyenvoy runs worker 0.
+        self.worker_stats = ListenerWorkerStats(self.scope.scope("worker_0"))
         chains = list(proto.filter_chains)
         if proto.HasField("default_filter_chain"):
             chains.append(proto.default_filter_chain)
@@ -211,13 +219,16 @@ class Listener:
         s = self.stats
         s.downstream_cx_total.value += 1
         s.downstream_cx_active.value += 1
+        w = self.worker_stats
+        w.downstream_cx_total.value += 1
+        w.downstream_cx_active.value += 1
         self.connections.add(conn)
 
     def on_connection_close(self, conn: Connection) -> None:
         s = self.stats
         s.downstream_cx_active.value -= 1
         s.downstream_cx_destroy.value += 1
-        import time
+        self.worker_stats.downstream_cx_active.value -= 1
 
         s.downstream_cx_length_ms.record((time.monotonic() - conn.start_monotonic) * 1000)
         self.connections.discard(conn)

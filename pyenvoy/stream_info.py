@@ -113,6 +113,7 @@ class StreamInfo:
         "last_downstream_tx_monotonic",
         "upstream_transport_failure_reason",
         "attempt_count",
+        "health_check",
     )
 
     def __init__(
@@ -142,6 +143,8 @@ class StreamInfo:
         self.last_downstream_tx_monotonic: float | None = None
         self.upstream_transport_failure_reason: str = ""
         self.attempt_count = 0
+        # Set by the health_check filter: Envoy leaves such requests out of rq_Nxx stats.
+        self.health_check = False
 
     def set_response_flag(self, flag: int) -> None:
         self.response_flags |= flag

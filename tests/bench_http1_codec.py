@@ -247,7 +247,9 @@ def main() -> None:
     for name, (ours, theirs) in rows:
         ratio = theirs / ours if "MB/s" not in name else ours / theirs
         print(f"{name:46s} {ours:10.2f} {theirs:10.2f} {ratio:6.1f}x")
-    print(f"{'small GET, 100 pipelined in one feed (us/req)':46s} {bench_request_pipelined_100():10.2f}")
+    print(
+        f"{'small GET, 100 pipelined in one feed (us/req)':46s} {bench_request_pipelined_100():10.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -62,9 +62,18 @@ def test_unhealthy_host_leaves_the_lb_set() -> None:
     c.refresh_health()
     assert {c.choose_host().address[1] for _ in range(10)} == {9001}
     assert c.hosts[0].health_flags_text() == "/failed_active_hc"
+    # Below the 50% healthy_panic_threshold Envoy balances over every host (panic mode).
     c.hosts[1].health_flags |= FAILED_ACTIVE_HC
     c.refresh_health()
+    assert {c.choose_host().address[1] for _ in range(10)} == {9000, 9001}
+    assert c.info.stats.lb_healthy_panic.value == 10
+
+
+def test_empty_cluster_has_no_host_and_counts_panic() -> None:
+    cm = ClusterManager([cluster(endpoints=[])], Store())
+    c = cm.get("c")
     assert c.choose_host() is None
+    assert c.info.stats.lb_healthy_panic.value == 1
 
 
 def test_stats_have_envoy_names() -> None:

@@ -445,3 +445,142 @@ def test_cluster_min_healthy(mins: dict[str, float], status: int, details: str, 
     if status == 503:
         assert env.stat("failed") == 1
         assert format_response_flags(cb.stream_info.response_flags) == "LH"
+
+
+# --- the same config against real Envoy and pyenvoy ---------------------------------------
+HC_TEMPLATE = """
+node: { cluster: mysvc }
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: {admin_port} } }
+static_resources:
+  listeners:
+  - name: main
+    address: { socket_address: { address: 127.0.0.1, port_value: {listener_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: hc
+          route_config:
+            virtual_hosts:
+            - name: b
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: backend }
+          http_filters:
+          - name: envoy.filters.http.health_check
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: false
+              headers:
+              - name: ":path"
+                string_match: { exact: "/healthz" }
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: pt
+    address: { socket_address: { address: 127.0.0.1, port_value: {pt_port} } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: pt
+          route_config:
+            virtual_hosts:
+            - name: b
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: backend }
+          http_filters:
+          - name: envoy.filters.http.health_check
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.health_check.v3.HealthCheck
+              pass_through_mode: true
+              headers:
+              - name: ":path"
+                string_match: { exact: "/healthz" }
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: backend
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {upstream_port} } } }
+"""
+
+HC = "x-envoy-upstream-healthchecked-cluster"
+FAIL = "x-envoy-immediate-health-check-fail"
+
+
+@pytest.mark.parametrize("kind", ["envoy", "pyenvoy"])
+def test_same_answers_and_stats_as_envoy(kind: str) -> None:
+    """/healthz and another path on a non-pass-through and a pass-through listener, before
+    and after ``POST /healthcheck/fail``: what Envoy 1.40 answers, header by header."""
+    import shutil
+    import urllib.request
+
+    from tests.support.procs import EnvoyProcess, parse_raw_responses, raw_request, start_proxy
+    from tests.support.upstream import HttpUpstream
+
+    if kind == "envoy" and shutil.which(EnvoyProcess.executable) is None:
+        pytest.skip("envoy binary not installed")
+    up = HttpUpstream()
+    up.start()
+    try:
+        p = start_proxy(kind, HC_TEMPLATE, upstream_port=up.port)
+        try:
+
+            def get(port: int, path: str) -> Any:
+                data, _ = raw_request(
+                    port,
+                    f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode(),
+                    until_closed=False,
+                    expect_responses=1,
+                    timeout=5,
+                )
+                return parse_raw_responses(data)[0]
+
+            main, pt = p.listener_port, p.pt_port
+            r = get(main, "/healthz")
+            assert (r.status, r.body, r.header(HC), r.header(FAIL)) == (200, b"", "mysvc", None)
+            assert r.header_names()[0] == HC  # added before date/server
+            r = get(pt, "/healthz")  # pass-through: answered by the upstream, stamped
+            assert (r.status, r.header(HC), r.header(FAIL)) == (200, "mysvc", None)
+            assert b"/healthz" in r.body
+            assert get(main, "/other").header(FAIL) is None
+
+            req = urllib.request.Request(p.admin_url + "/healthcheck/fail", method="POST")
+            urllib.request.urlopen(req, timeout=5).read()
+            for port in (main, pt):
+                r = get(port, "/healthz")
+                assert (r.status, r.body, r.header(HC), r.header(FAIL)) == (
+                    503,
+                    b"",
+                    "mysvc",
+                    "true",
+                )
+                assert r.header_names()[:2] == [HC, FAIL]
+                assert get(port, "/other").header(FAIL) == "true"
+
+            stats = p.stats()
+            seen = {k: v for k, v in stats.items() if ".health_check." in k and v}
+            assert seen == {
+                "http.hc.health_check.request_total": 2,
+                "http.hc.health_check.ok": 1,
+                "http.hc.health_check.failed": 1,
+                "http.pt.health_check.request_total": 1,
+                "http.pt.health_check.failed": 1,
+            }
+        finally:
+            p.stop()
+    finally:
+        up.stop()

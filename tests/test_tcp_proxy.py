@@ -1213,7 +1213,9 @@ def test_same_behaviour_and_stats_as_envoy(kind: str) -> None:
                 seen = {
                     k: v
                     for k, v in stats.items()
-                    if k.startswith(("tcp.", "cluster.echo.upstream_cx", "cluster.dead.upstream_cx"))
+                    if k.startswith(
+                        ("tcp.", "cluster.echo.upstream_cx", "cluster.dead.upstream_cx")
+                    )
                     and isinstance(v, int)
                     and v
                     and not k.endswith(("_active", "_buffered"))

@@ -183,6 +183,7 @@ class ConnectionManager(nf.ReadFilter):
                 del headers[i]
                 break
         path = target
+        fragment = False
         if target[:1] != b"/":
             if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
                 rest = target.split(b"://", 1)[1]
@@ -193,22 +194,39 @@ class ConnectionManager(nf.ReadFilter):
                 pass
             else:
                 raise http1.ParseError("http1.invalid_url", 400)
+        if b"#" in path:
+            fragment = True
+        if version == 10 and not authority and config.default_host_for_http_10:
+            authority = config.default_host_for_http_10
         rh = RequestHeaders(method, path, authority, b"http", headers)
         stream = ActiveStream(self, rh, version, keep_alive and not self.closing)
         self.stream = stream
-        if version == 10 and not config.accept_http_10:
+        if version != 11 and (version != 10 or not config.accept_http_10):
+            stream.version = 11  # Envoy answers this one as HTTP/1.1
             stream.request_complete = not has_body
             stream.send_local_reply(426, b"Upgrade Required", "low_version", close=True)
             return
         if not authority and version == 11:
-            stream.send_local_reply(400, b"Bad Request", "missing_host_header", close=True)
+            stream.request_complete = not has_body
+            stream.send_local_reply(400, b"", "missing_host_header", close=True)
             return
-        if version == 11 and method != b"HEAD":
+        if fragment:
+            stream.request_complete = not has_body
+            stream.send_local_reply(400, b"", "invalid_url", close=True)
+            return
+        if version == 11 and method != b"HEAD" and not config.proxy_100_continue:
             expect = rh.get(b"expect")
             if expect is not None and expect.lower() == b"100-continue":
                 # Envoy answers 100-continue itself and does not forward the Expect header.
                 rh.remove(b"expect")
                 self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                s = self.stats
+                s.downstream_rq_1xx.value += 1
+                s.downstream_rq_completed.value += 1
+                ls = config.listener_stats
+                if ls is not None:
+                    ls.downstream_rq_1xx.value += 1
+                    ls.downstream_rq_completed.value += 1
         stream.decode_headers(rh, not has_body)
 
     def on_body(self, data: bytes) -> None:
@@ -399,7 +417,8 @@ class ActiveStream:
                 t.cancel()
                 self._timer = None
         self.stream_info.bytes_received += len(data)
-        if self._decode_stopped >= 0:
+        if self._decode_stopped >= 0 and not self._decode_headers_pending:
+            # A filter holds the body (StopIterationAndBuffer): keep it until it continues.
             buf = self._decode_buffer
             if buf is None:
                 buf = self._decode_buffer = []
@@ -412,22 +431,46 @@ class ActiveStream:
         self._decode_data_from(0, data, end_stream)
 
     def _decode_data_from(self, start: int, data: bytes, end_stream: bool) -> None:
+        """Run ``decode_data`` from filter ``start``. While a filter holds the headers
+        (stopped in decode_headers), body data still reaches it and the filters before it,
+        as in Envoy; its CONTINUE on data releases the headers to the rest of the chain."""
         filters = self.decoder_filters
-        for i in range(start, len(filters)):
-            status = filters[i].decode_data(data, end_stream)
+        k = start
+        n = len(filters)
+        while k < n:
+            status = filters[k].decode_data(data, end_stream)
             if self.destroyed or self.local_reply:
                 return
             if status == hf.CONTINUE:
+                if self._decode_headers_pending and k == self._decode_stopped:
+                    self._decode_headers_pending = False
+                    self._decode_stopped = -1
+                    end_at_headers = self._decode_end and not data and end_stream
+                    for j in range(k + 1, n):
+                        hs = filters[j].decode_headers(self.request_headers, end_at_headers)
+                        if self.destroyed or self.local_reply:
+                            return
+                        if hs != hf.CONTINUE:
+                            self._decode_stopped = j
+                            self._decode_headers_pending = True
+                            if data:
+                                self._decode_buffer = [data]
+                            self._decode_end = end_stream
+                            return
+                k += 1
                 continue
-            if status == hf.STOP_ITERATION_AND_BUFFER or status == hf.STOP_ITERATION:
-                self._decode_stopped = i
-                buf = self._decode_buffer
-                if buf is None:
-                    buf = self._decode_buffer = []
-                if data:
-                    buf.append(data)
-                self._decode_end = end_stream
-                self._check_decode_buffer()
+            if status == hf.STOP_ITERATION_NO_BUFFER:
+                return
+            # STOP_ITERATION / STOP_ITERATION_AND_BUFFER: hold the body at this filter.
+            self._decode_stopped = k
+            self._decode_headers_pending = False
+            buf = self._decode_buffer
+            if buf is None:
+                buf = self._decode_buffer = []
+            if data:
+                buf.append(data)
+            self._decode_end = end_stream
+            self._check_decode_buffer()
             return
 
     def _check_decode_buffer(self) -> None:
@@ -571,41 +614,42 @@ class ActiveStream:
     # --- codec (HTTP/1 framing) ------------------------------------------------------------
     def _write_response_headers(self, headers: ResponseHeaders, end_stream: bool) -> None:
         cm = self.cm
-        config = cm.config
         self.response_started = True
         self.stream_info.response_code = status = headers.status
-        config.mutate_response_headers(headers, self)
+        cm.config.mutate_response_headers(headers, self)
         hl = headers.headers
-        # Strip what the codec owns, then frame.
+        # The codec owns framing and connection management headers.
         for h in hl:
             if h[0] in _RESPONSE_STRIP:
                 headers.headers = hl = [x for x in hl if x[0] not in _RESPONSE_STRIP]
                 break
-        no_body = self.is_head or status == 204 or status == 304 or status < 200
-        if status == 204 or status == 304 or (status < 200):
+        no_body_status = status == 204 or status == 304 or status < 200
+        if no_body_status:
             headers.headers = hl = [x for x in hl if x[0] != b"content-length"]
-        elif not self.is_head and headers.get(b"content-length") is None:
-            if end_stream:
-                hl.append([b"content-length", b"0"])
-            elif self.version == 11:
-                self.chunked = True
+        has_length = no_body_status or headers.get(b"content-length") is not None
+        http10 = self.version == 10
         close = self.close_connection or not self.keep_alive or cm.closing or cm.remote_closed
-        if not no_body and not end_stream and not self.chunked and headers.get(b"content-length") is None:
-            close = True  # HTTP/1.0 without length: delimited by close
-            self.close_connection = True
-        if self.chunked:
-            hl.append([b"transfer-encoding", b"chunked"])
+        framing: list[bytes] | None = None
+        if not has_length:
+            if end_stream and not self.is_head:
+                framing = [b"content-length", b"0"]
+            elif http10:
+                close = True  # body delimited by the connection close
+            else:
+                # Envoy's codec chunks any response without a length, HEAD included.
+                self.chunked = not self.is_head
+                framing = [b"transfer-encoding", b"chunked"]
         if close:
             self.close_connection = True
             hl.append([b"connection", b"close"])
-        elif self.version == 10:
+        elif http10:
             hl.append([b"connection", b"keep-alive"])
-        head = http1.encode_response_head(status, hl)
-        end = end_stream or (no_body and not self.chunked)
-        conn = cm.connection
-        self.cm.stats.downstream_cx_tx_bytes_total.value += len(head)
-        conn.write(head)
-        if end:
+        if framing is not None:
+            hl.append(framing)
+        head = http1.encode_response_head(status, hl, self.version)
+        cm.stats.downstream_cx_tx_bytes_total.value += len(head)
+        cm.connection.write(head)
+        if end_stream or self.is_head or no_body_status:
             self._on_response_complete()
 
     def _write_response_data(self, data: bytes, end_stream: bool) -> None:
@@ -653,7 +697,8 @@ class ActiveStream:
             si.set_response_flag(flags)
         if details:
             si.response_code_details = details
-        if close:
+        if close or not self.request_complete:
+            # HTTP/1 can't skip the rest of an unread request body: close after the reply.
             self.close_connection = True
         if self.response_started:
             # Too late for a reply: reset (HTTP/1 closes the connection).
@@ -662,16 +707,12 @@ class ActiveStream:
             return
         self.local_reply = True
         b = body.encode() if isinstance(body, str) else body
-        hl: list[list[bytes]] = []
-        if b:
-            hl.append([b"content-length", str(len(b)).encode()])
-            hl.append([b"content-type", b"text/plain"])
-        rh = ResponseHeaders(status, hl)
-        if headers:
-            for n, v in headers:
-                rh.add(n, v)
+        rh = ResponseHeaders(status, [[n, v] for n, v in headers] if headers else [])
         if modify_headers is not None:
             modify_headers(rh)
+        if b:
+            rh.headers.append([b"content-length", str(len(b)).encode()])
+            rh.headers.append([b"content-type", b"text/plain"])
         self._decode_stopped = -1
         self.encode_headers(rh, not b)
         if b:

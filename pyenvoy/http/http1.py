@@ -94,7 +94,10 @@ _FIELD_LINE = re.compile(
 )
 _findall_fields = _FIELD_LINE.findall
 # Fast path line regex: validity of the characters is checked separately with translate().
-_findall_crlf_fields = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n]*)\r\n").findall
+# Anchored at line starts, so a line that does not match is skipped and the line count check
+# fails. A value with trailing OWS does not match (the general path strips it); CTLs, bare
+# CR/LF inside a value make the line count or the translate() check fail.
+_findall_crlf_fields = re.compile(rb"(?m)^(" + _TOKEN + rb"):[ \t]*([^\r]*(?<![ \t]))\r\n").findall
 _FIELD_CHARS = bytes(c for c in range(256) if c in (9, 10, 13) or 32 <= c < 127 or c >= 128)
 _NAME_COLON = re.compile(_TOKEN + rb":").match
 _OBS_FOLD = re.compile(rb"[ \t]*\r?\n[ \t]+")
@@ -274,11 +277,7 @@ def _fields_fast(block: bytes, max_count: int) -> list[list[bytes]] | None:
         or block.translate(None, _FIELD_CHARS)
     ):
         return None
-    headers = [[n.lower(), v] for n, v in found]
-    if b" \r\n" in block or b"\t\r\n" in block:
-        for h in headers:
-            h[1] = h[1].rstrip(b" \t")
-    return headers
+    return [[n.lower(), v] for n, v in found]
 
 
 class _Parser:

@@ -757,7 +757,7 @@ def _new_path(redirect: RedirectAction | None, headers: RequestHeaders, current:
     elif redirect is not None and redirect.https_redirect:
         scheme = b"https"
     else:
-        scheme = headers.scheme
+        scheme = _forwarded_proto(headers)
     port = (
         b":%d" % redirect.port_redirect if redirect is not None and redirect.port_redirect else b""
     )

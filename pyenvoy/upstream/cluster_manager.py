@@ -124,25 +124,40 @@ class ClusterStats(StatsStruct):
 
     def __init__(self, scope: Scope) -> None:
         super().__init__(scope)
-        self._codes: dict[int, Any] = {}
-        self._classes = [scope.counter(f"upstream_rq_{i}xx") for i in range(6)]
-        # Created at first use (like Envoy, which creates upstream_rq_time on first request).
+        # Per-code stats, the class counters and upstream_rq_time appear on first use, as
+        # in Envoy; each also has an ``external.`` twin (pyenvoy has no internal requests
+        # unless internal_address_config says so, like Envoy 1.40).
+        self._codes: dict[int, tuple[Any, ...]] = {}
+        self._external = scope.scope("external")
         self._rq_time: Any = None
+        self._external_completed: Any = None
 
     def record_response(self, status: int, rq_time_ms: float) -> None:
         """Per-response-code counters and the request time histogram."""
-        c = self._codes.get(status)
-        if c is None:
-            c = self._codes[status] = self.scope.counter(f"upstream_rq_{status}")
-        c.value += 1
-        cls = status // 100
-        if 1 <= cls <= 5:
-            self._classes[cls].value += 1
+        codes = self._codes.get(status)
+        if codes is None:
+            ext = self._external
+            cls = f"upstream_rq_{status // 100}xx"
+            codes = self._codes[status] = (
+                self.scope.counter(f"upstream_rq_{status}"),
+                self.scope.counter(cls),
+                ext.counter(f"upstream_rq_{status}"),
+                ext.counter(cls),
+            )
+        for c in codes:
+            c.value += 1
         self.upstream_rq_completed.value += 1
         h = self._rq_time
         if h is None:
             h = self._rq_time = self.scope.histogram("upstream_rq_time")
+            self._external_completed = (
+                self._external.counter("upstream_rq_completed"),
+                self._external.histogram("upstream_rq_time"),
+            )
         h.record(rq_time_ms)
+        ec, eh = self._external_completed
+        ec.value += 1
+        eh.record(rq_time_ms)
 
 
 DEFAULT_CIRCUIT_BREAKERS = [("default", 1024, 1024, 1024, 3), ("high", 1024, 1024, 1024, 3)]
@@ -309,6 +324,11 @@ class Cluster:
                 "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
                 f"{path}.load_assignment",
             )
+        self.panic_threshold = 50.0
+        cl = proto.common_lb_config
+        if cl.HasField("healthy_panic_threshold"):
+            self.panic_threshold = cl.healthy_panic_threshold.value
+        self.panic = True
         self.hosts: list[Host] = []
         self.healthy_hosts: list[Host] = []
         self.lb: LoadBalancer = self._lb_class([])
@@ -348,6 +368,12 @@ class Cluster:
         # Only the highest-priority level that has healthy hosts takes traffic (no spillover
         # maths yet: priorities arrive with the traffic-management issue).
         healthy = [h for h in self.hosts if not h.health_flags]
+        total = len(self.hosts)
+        # Panic mode (healthy_panic_threshold, default 50%): too few healthy hosts, so
+        # balance over all of them rather than overload the few (Envoy's behaviour).
+        self.panic = total == 0 or len(healthy) * 100 < self.panic_threshold * total
+        if self.panic and total:
+            healthy = list(self.hosts)
         if healthy:
             top = min(h.priority for h in healthy)
             healthy = [h for h in healthy if h.priority == top]
@@ -361,6 +387,8 @@ class Cluster:
             self.lb = self._lb_class(healthy)
 
     def choose_host(self, context: Any = None) -> Host | None:
+        if self.panic:
+            self.info.stats.lb_healthy_panic.value += 1
         return self.lb.choose_host(context)
 
     # --- DNS ----------------------------------------------------------------------------

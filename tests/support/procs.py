@@ -566,11 +566,15 @@ def exchange(
                         break
                     phase_close = True
                     deadline = time.monotonic() + wait_close
-    if not parsed or len(parsed) < responses:
+    if closed or not parsed or len(parsed) < responses:
+        # A close-delimited body may have arrived after its head was parsed: re-read all.
         try:
-            parsed = parse_raw_responses(buf, head, strict=False)
+            reparsed = parse_raw_responses(buf, head, strict=False)
+            if len(reparsed) >= len(parsed):
+                parsed = reparsed
         except ValueError as e:
-            error = error or repr(e)
+            if not parsed:
+                error = error or repr(e)
     return Exchange(parsed, closed, buf, time.monotonic() - start, error)
 
 

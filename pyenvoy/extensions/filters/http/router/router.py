@@ -25,6 +25,7 @@ from pyenvoy.http import http1
 from pyenvoy.http.headers import ResponseHeaders
 from pyenvoy.stats import StatsStruct
 from pyenvoy.timeouts import Timeout, queue_for
+from pyenvoy.upstream.conn_pool import CONNECTION_TERMINATION, PROTOCOL_ERROR
 
 if TYPE_CHECKING:
     from pyenvoy.http.headers import RequestHeaders
@@ -122,7 +123,10 @@ class Router(hf.StreamDecoderFilter):
         si = cb.stream_info
         if route is None:
             stats.no_route.value += 1
-            cb.send_local_reply(404, b"", "route_not_found", sinfo.NO_ROUTE_FOUND)
+            # A CONNECT nobody routes can't continue on this connection.
+            cb.send_local_reply(
+                404, b"", "route_not_found", sinfo.NO_ROUTE_FOUND, close=headers.method == b"CONNECT"
+            )
             return hf.STOP_ITERATION
         self.route = route
         direct = route.direct_response
@@ -166,6 +170,7 @@ class Router(hf.StreamDecoderFilter):
         host = cluster.choose_host(None)
         if host is None:
             info.stats.upstream_cx_none_healthy.value += 1
+            info.stats.record_response(503, 0.0)
             cb.send_local_reply(503, b"no healthy upstream", "no_healthy_upstream", sinfo.NO_HEALTHY_UPSTREAM)
             return hf.STOP_ITERATION
         self.host = host
@@ -173,13 +178,13 @@ class Router(hf.StreamDecoderFilter):
         # Header mutations (their values see the original path/host), then host and path
         # rewrites, in Envoy's order.
         envoy_headers = not self.config.suppress_envoy_headers
+        timeout = route.timeout
+        if envoy_headers and timeout > 0:
+            headers.headers.append([b"x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)).encode()])
         route.finalize_request_headers(headers, si, envoy_headers)
         if route.auto_host_rewrite and host.hostname:
             route.update_authority(headers, host.hostname.encode(), envoy_headers)
         route.rewrite_path(headers, envoy_headers)
-        timeout = route.timeout
-        if not self.config.suppress_envoy_headers and timeout > 0:
-            headers.set(b"x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)).encode())
         self.headers = headers
         self.request_end = end_stream
         self.downstream_connection = cb.connection
@@ -287,29 +292,35 @@ class Router(hf.StreamDecoderFilter):
         self.client = None
         if self.done:
             return
-        self.callbacks.stream_info.set_response_flag(
-            sinfo.UPSTREAM_CONNECTION_TERMINATION
-            if reason == "connection termination"
-            else sinfo.UPSTREAM_REMOTE_RESET
-        )
+        if reason == PROTOCOL_ERROR:
+            flag = sinfo.UPSTREAM_PROTOCOL_ERROR
+        elif reason == CONNECTION_TERMINATION:
+            flag = sinfo.UPSTREAM_CONNECTION_TERMINATION
+        else:
+            flag = sinfo.UPSTREAM_REMOTE_RESET
+        self.callbacks.stream_info.set_response_flag(flag)
         self._upstream_failed(reason, "")
 
-    def _upstream_failed(self, reason: str, transport_failure_reason: str) -> None:
+    def _upstream_failed(self, reason: str, transport_failure_reason: str = "") -> None:
         cb = self.callbacks
         if self.response_started:
             self.config.stats.rq_reset_after_downstream_response_started.value += 1
             self._cleanup()
             cb.reset_stream()
             return
+        # An invalid upstream response is a 502; every other reset before headers a 503.
+        status = 502 if reason == PROTOCOL_ERROR else 503
         info = self.cluster.info
-        info.stats.record_response(503, (time.monotonic() - self.start) * 1000)
+        info.stats.record_response(status, (time.monotonic() - self.start) * 1000)
         self.host.stats.rq_error.value += 1
         self._cleanup()
+        # Envoy 1.40 names only the reset reason for plain TCP upstreams (the transport
+        # failure reason stays in the response code details and access logs).
         body = _BEFORE_HEADERS + reason
-        if transport_failure_reason:
-            body += ", transport failure reason: " + transport_failure_reason
         details = "upstream_reset_before_response_started{" + reason.replace(" ", "_") + "}"
-        cb.send_local_reply(503, body.encode(), details)
+        if transport_failure_reason:
+            cb.stream_info.upstream_transport_failure_reason = transport_failure_reason
+        cb.send_local_reply(status, body.encode(), details)
 
     def _on_timeout(self) -> None:
         self.timer = None

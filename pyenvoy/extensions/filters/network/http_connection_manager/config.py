@@ -22,6 +22,7 @@ from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.fields import reject_unsupported, seconds
 from pyenvoy.extensions import registry
 from pyenvoy.http.conn_manager import ConnectionManager
+from pyenvoy.network.utility import is_loopback, local_address
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.stream_info import format_address
 
@@ -227,6 +228,15 @@ class HcmConfig:
         self.accept_http_10 = proto.http_protocol_options.accept_http_10
         self.default_host_for_http_10 = proto.http_protocol_options.default_host_for_http_10.encode()
         self.proxy_100_continue = proto.proxy_100_continue
+        self.internal_networks = [
+            ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}", strict=False)
+            for r in proto.internal_address_config.cidr_ranges
+        ]
+        rt = self.route_table
+        self.internal_only_headers: frozenset[bytes] = frozenset(
+            h.lower() if isinstance(h, bytes) else h.lower().encode()
+            for h in (getattr(rt, "internal_only_headers", None) or ())
+        )
         self.cluster_manager = ctx.cluster_manager
         self.server = ctx.server
         # Access logs.
@@ -302,54 +312,66 @@ class HcmConfig:
 
     def mutate_request_headers(self, headers: RequestHeaders, stream: ActiveStream) -> None:
         """Envoy's ConnectionManagerUtility::mutateRequestHeaders (the parts pyenvoy has)."""
+        si = stream.stream_info
+        remote = si.downstream_remote_address
+        ip = remote[0] if remote else ""
+        internal = self._is_internal(ip)
         hl = headers.headers
         for h in hl:
             n = h[0]
-            if n == b"connection" or n == b"keep-alive" or n == b"proxy-connection" or n == b"transfer-encoding" or n == b"upgrade" or (n == b"te" and h[1].lower() != b"trailers"):
-                headers.headers = hl = [
-                    x
-                    for x in hl
-                    if x[0] not in (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-                    and not (x[0] == b"te" and x[1].lower() != b"trailers")
-                ]
+            if n in _REQUEST_HOP_BY_HOP or n[:8] == b"x-envoy-" or n == b"te" or n in self.internal_only_headers:
+                headers.headers = hl = _strip_request_headers(hl, self.internal_only_headers, not internal)
                 break
-        si = stream.stream_info
-        internal = True
         if self.use_remote_address:
-            remote = si.downstream_remote_address
-            ip = remote[0] if remote else ""
-            internal = _is_internal(ip)
             if not self.skip_xff_append and ip:
+                # Envoy appends its own address for loopback peers.
+                hop = (local_address() if is_loopback(ip) else ip).encode()
                 xff = headers.get(b"x-forwarded-for")
                 if xff:
-                    headers.set(b"x-forwarded-for", xff + b"," + ip.encode())
+                    headers.set(b"x-forwarded-for", xff + b"," + hop)
                 else:
-                    hl.append([b"x-forwarded-for", ip.encode()])
-            if internal:
-                headers.set(b"x-envoy-internal", b"true")
-            else:
-                headers.remove(b"x-envoy-internal")
-                headers.set(b"x-envoy-external-address", ip.encode())
+                    hl.append([b"x-forwarded-for", hop])
             headers.set(b"x-forwarded-proto", headers.scheme)
         elif headers.get(b"x-forwarded-proto") is None:
-            headers.headers.append([b"x-forwarded-proto", headers.scheme])
+            hl.append([b"x-forwarded-proto", headers.scheme])
+        if self.via is not None:
+            via = headers.get(b"via")
+            headers.set(b"via", via + b", " + self.via if via else self.via)
+        edge = self.use_remote_address and not internal
+        if self.use_remote_address:
+            if internal:
+                hl.append([b"x-envoy-internal", b"true"])
+            else:
+                hl.append([b"x-envoy-external-address", ip.encode()])
         if self.generate_request_id:
             rid = headers.get(b"x-request-id")
-            edge = self.use_remote_address and not internal
             if rid is None or (edge and not self.preserve_external_request_id):
                 rid = _new_request_id()
                 headers.set(b"x-request-id", rid)
             si.request_id = rid
         else:
             si.request_id = headers.get(b"x-request-id")
-        if self.via is not None:
-            via = headers.get(b"via")
-            headers.set(b"via", via + b"," + self.via if via else self.via)
+
+    def _is_internal(self, ip: str) -> bool:
+        """Only addresses in internal_address_config.cidr_ranges are internal (Envoy 1.40)."""
+        nets = self.internal_networks
+        if not nets or not ip:
+            return False
+        try:
+            a = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(a in n for n in nets)
 
     def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> None:
         from pyenvoy.http.conn_manager import http_date
 
-        headers.set(b"date", http_date())
+        hl = headers.headers
+        for h in hl:
+            if h[0] == b"date":
+                break
+        else:
+            hl.append([b"date", http_date()])
         t = self.server_header_transformation
         if t == 0:  # OVERWRITE
             headers.set(b"server", self.server_name)
@@ -361,14 +383,19 @@ class HcmConfig:
                 headers.set(b"x-request-id", rid)
         if self.via is not None:
             via = headers.get(b"via")
-            headers.set(b"via", via + b"," + self.via if via else self.via)
+            headers.set(b"via", via + b", " + self.via if via else self.via)
+        server = self.server
+        if server is not None and server.healthcheck_failed and not stream.close_connection:
+            # Failing health checks means draining: close connections as responses finish.
+            stream.close_connection = True
+            self.stats.downstream_cx_drain_close.value += 1
 
     def on_stream_complete(self, stream: ActiveStream) -> None:
         s = self.stats
         s.downstream_rq_active.value -= 1
         si = stream.stream_info
         code = si.response_code
-        if code is not None and stream.response_complete:
+        if code is not None and stream.response_complete and not si.health_check:
             cls = code // 100
             if 1 <= cls <= 5:
                 c = self._rq_code_stats[cls]
@@ -384,14 +411,63 @@ class HcmConfig:
             logger.log(stream.request_headers, stream.response_headers, si)
 
 
-def _is_internal(ip: str) -> bool:
-    if not ip:
-        return True
-    try:
-        a = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return a.is_private or a.is_loopback
+# Request headers that never go upstream (hop-by-hop; transfer-encoding is re-added by the
+# upstream codec when the body is chunked).
+_REQUEST_HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+# Envoy's x-envoy-* request headers that only Envoy may set (cleaned from external requests).
+_ENVOY_INTERNAL_HEADERS = frozenset(
+    (
+        b"x-envoy-decorator-operation",
+        b"x-envoy-downstream-service-cluster",
+        b"x-envoy-downstream-service-node",
+        b"x-envoy-expected-rq-timeout-ms",
+        b"x-envoy-external-address",
+        b"x-envoy-force-trace",
+        b"x-envoy-hedge-on-per-try-timeout",
+        b"x-envoy-internal",
+        b"x-envoy-ip-tags",
+        b"x-envoy-is-timeout-retry",
+        b"x-envoy-max-retries",
+        b"x-envoy-retriable-header-names",
+        b"x-envoy-retriable-status-codes",
+        b"x-envoy-retry-grpc-on",
+        b"x-envoy-retry-on",
+        b"x-envoy-upstream-alt-stat-name",
+        b"x-envoy-upstream-rq-per-try-timeout-ms",
+        b"x-envoy-upstream-rq-timeout-alt-response",
+        b"x-envoy-upstream-rq-timeout-ms",
+        b"x-envoy-upstream-stream-duration-ms",
+    )
+)
+
+
+def _strip_request_headers(
+    hl: list[list[bytes]], internal_only: frozenset[bytes], external: bool
+) -> list[list[bytes]]:
+    """Drop hop-by-hop headers, headers nominated by Connection, Envoy-internal x-envoy-*
+    headers and the route table's internal_only_headers; reduce ``te`` to ``trailers``."""
+    nominated: set[bytes] = set()
+    for n, v in hl:
+        if n == b"connection":
+            for tok in v.split(b","):
+                tok = tok.strip().lower()
+                if tok and tok not in (b"close", b"keep-alive"):
+                    nominated.add(tok)
+    out = []
+    for h in hl:
+        n = h[0]
+        if n in _REQUEST_HOP_BY_HOP or n in nominated:
+            continue
+        if external and (n in _ENVOY_INTERNAL_HEADERS or n in internal_only):
+            continue
+        if n == b"te":
+            if b"trailers" not in [t.strip().lower() for t in h[1].split(b",")]:
+                continue
+            h = [n, b"trailers"]
+        out.append(h)
+    return out
 
 
 def _factory(proto: hcm_pb2.HttpConnectionManager, ctx: registry.FactoryContext) -> Callable[[], Any]:

@@ -251,7 +251,6 @@ class TcpProxyFilter(ReadFilter):
         "upstream",
         "upstream_transport",
         "upstream_stats",
-        "cluster",
         "connect_attempts",
         "connect_failures",
         "_connect_task",
@@ -276,7 +275,6 @@ class TcpProxyFilter(ReadFilter):
         self.upstream: UpstreamConnection | None = None
         self.upstream_transport: asyncio.Transport | None = None
         self.upstream_stats: Any = None  # the connected cluster's ClusterStats
-        self.cluster: Any = None
         self.connect_attempts = 0
         self.connect_failures = 0
         self._connect_task: asyncio.Task[Any] | None = None
@@ -498,7 +496,6 @@ class TcpProxyFilter(ReadFilter):
         if si is not None:
             si.attempt_count = self.connect_attempts
             si.upstream_host = host.address
-        self.cluster = cluster
         up = UpstreamConnection(self, host, info)
         self.upstream = up
         loop = self.loop
