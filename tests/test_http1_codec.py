@@ -336,6 +336,9 @@ CASES = [
     Case("high byte in target", b"GET /a\xffb HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
     Case("leading space request line", b" GET / HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
     Case("no target", b"GET HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
+    Case("HTAB before target char", b"POST \tp HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
+    Case("HTAB inside target", b"GET /a\tb HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
+    Case("CR inside target", b"GET /a\rb HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
     Case("whitespace line before request", b" \r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", error=CE),
     # ---- Envoy stricter than h11 (we follow Envoy)
     Case(
@@ -496,6 +499,22 @@ CASES = [
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         "h11 rejects; Envoy: 200",
         messages=[_msg(headers=[[b"host", b"a"], [b"host", b"b"]])],
+    ),
+    Case(
+        "chunk size SP before extension",
+        C + b"2 ;a=b\r\nab\r\n0\r\n\r\n",
+        "h11 rejects BWS before ';'; Envoy: 200",
+        messages=[
+            _msg(b"POST", headers=[[b"host", b"a"], [b"transfer-encoding", b"chunked"]], body=b"ab")
+        ],
+    ),
+    Case(
+        "chunk size HTAB before extension",
+        C + b"2\t;a=b\r\nab\r\n0\r\n\r\n",
+        "h11 rejects BWS before ';'; Envoy: 200",
+        messages=[
+            _msg(b"POST", headers=[[b"host", b"a"], [b"transfer-encoding", b"chunked"]], body=b"ab")
+        ],
     ),
     Case(
         "chunk size 30 hex digits",
@@ -932,6 +951,35 @@ if given is not None:
             pass
 
 
+if given is not None:
+    _RESPONSE_BASES = [
+        b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: v\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nX: y\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+    ]
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        st.sampled_from(_RESPONSE_BASES),
+        st.sampled_from([b"GET", b"HEAD", b"CONNECT"]),
+        st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), min_size=1, max_size=3),
+        st.booleans(),
+        st.data(),
+    )
+    def test_hypothesis_response_mutations(base, method, edits, eof, data) -> None:
+        raw = bytearray(base)
+        for at, ins in edits:
+            at %= len(raw) + 1
+            raw[at : at + data.draw(st.integers(0, 2))] = ins
+        raw = bytes(raw)
+        whole = run_response(raw, (method,), eof=eof)  # only ParseError may escape
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=5)))
+        pieces = [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)], strict=True)]
+        split = run_response(raw, (method,), pieces, eof=eof)
+        assert (_norm_response(split), split.error) == (_norm_response(whole), whole.error)
+
+
 # -- response parser ------------------------------------------------------------------------
 
 
@@ -1064,6 +1112,7 @@ RESPONSE_CASES = [
         ("http1.codec_error", 502),
         None,
     ),
+    ("short status", b"HTTP/1.1 20\r\n\r\n", b"GET", False, ("http1.codec_error", 502), None),
     ("status abc", b"HTTP/1.1 abc OK\r\n\r\n", b"GET", False, ("http1.codec_error", 502), None),
     ("lowercase http", b"http/1.1 200 OK\r\n\r\n", b"GET", False, ("http1.codec_error", 502), None),
     (
@@ -1555,3 +1604,12 @@ def test_real_envoy_agrees(envoy_port: int, case: Case) -> None:
         assert heads[-1][2] == b"/sentinel"
     else:
         assert (status, sentinel_answered) == (ours.error[1], False)
+
+
+def test_invalid_first_byte_is_rejected_before_the_line_ends() -> None:
+    # Envoy's BalsaParser rejects a request whose first byte cannot start a known method.
+    for junk in (b"\x01", b"\t", b"x", b"get"):
+        assert run_request(junk).error == CE, junk
+    assert run_request(b"GE").error is None  # could still become GET
+    assert run_request(b"\r\n\r\nG").error is None
+    assert run_request(b"xyz", allow_custom_methods=True).error is None

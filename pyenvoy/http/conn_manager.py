@@ -787,6 +787,11 @@ class ActiveStream:
             if f not in self.decoder_filters:
                 f.on_destroy()
         self.cm.config.on_stream_complete(self)
+        # Break stream <-> filter reference cycles so refcounting frees a finished stream
+        # at once (no garbage-collector work per request).
+        self.decoder_filters = self.encoder_filters = _EMPTY
+        self.watermark_callbacks = _EMPTY
 
 
 _UNSET = object()
+_EMPTY: list[Any] = []

@@ -120,6 +120,8 @@ _REASON_OK = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*").fullmatch
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(?:;[^\r\n]*)?\r\n").fullmatch
 _MAX_U64 = (1 << 64) - 1
 
+_METHOD_FIRST_BYTES = frozenset(m[0] for m in ENVOY_METHODS)
+
 # Header names the parsers look at for framing / connection management.
 _SPECIAL = frozenset((b"content-length", b"transfer-encoding", b"connection", b"upgrade"))
 
@@ -265,19 +267,6 @@ def _framing(
             raise ParseError(INVALID_TE, 501 if status == 400 else status)
         chunked = True
     return content_length, chunked, bool(tes), _connection_tokens(conn) if conn else None, upgrade
-
-
-def _fields_fast(block: bytes, max_count: int) -> list[list[bytes]] | None:
-    """The common case: CRLF lines, token names, no CTLs, no obs-fold. Returns None when the
-    block needs the general path (which then also produces the exact error)."""
-    found = _findall_crlf_fields(block)
-    if (
-        len(found) != block.count(b"\n")
-        or len(found) > max_count
-        or block.translate(None, _FIELD_CHARS)
-    ):
-        return None
-    return [[n.lower(), v] for n, v in found]
 
 
 class _Parser:
@@ -564,13 +553,13 @@ class RequestParser(_Parser):
         else:
             return self._request_line_slow(line)
         methods = self._methods
-        if methods is not None:
-            if method not in methods:
-                raise ParseError(CODEC_ERROR)
-        elif _TOKEN_FULL(method) is None:
-            raise ParseError(CODEC_ERROR)
-        if _ORIGIN_FORM(target) is None or method == b"CONNECT":
-            _check_target(method, target)
+        if (
+            (method not in methods if methods is not None else _TOKEN_FULL(method) is None)
+            or _ORIGIN_FORM(target) is None
+            or method == b"CONNECT"
+        ):
+            # Other target forms, HTABs in the line, errors: the general path decides.
+            return self._request_line_slow(line)
         return method, target, version
 
     def _request_line_slow(self, line: bytes) -> tuple[bytes, bytes, int]:
@@ -613,9 +602,15 @@ class RequestParser(_Parser):
             method, target, version = self._request_line(
                 buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
             )
-            if hend + 2 > le + 1:
-                headers = _fields_fast(buf[le + 1 : hend + 2], self._max_headers_count)
-                if headers is not None:
+            if hend >= le:
+                block = buf[le + 1 : hend + 2]
+                found = _findall_crlf_fields(block)
+                if (
+                    len(found) == block.count(b"\n")
+                    and len(found) <= self._max_headers_count
+                    and not block.translate(None, _FIELD_CHARS)
+                ):
+                    headers = [[n.lower(), v] for n, v in found]
                     special = [h for h in headers if h[0] in _SPECIAL]
                     self._finish_head(method, target, version, headers, special or None)
                     return hend + 4
@@ -654,6 +649,16 @@ class RequestParser(_Parser):
             keep_alive = version == 11
             has_body = tunnel
             self._state = _STREAM if tunnel else _DONE
+        elif (
+            len(special) == 1
+            and not tunnel
+            and special[0][0] == b"connection"
+            and ((v := special[0][1].lower()) == b"keep-alive" or v == b"close")
+        ):
+            # The most common framing header alone: skip the general evaluation.
+            keep_alive = v == b"keep-alive"
+            has_body = False
+            self._state = _DONE
         else:
             content_length, chunked, _te, conn, upgrade = _framing(special, 400)
             if conn is None:
@@ -691,6 +696,12 @@ class RequestParser(_Parser):
         le = buf.find(b"\n", pos, pos + limit)
         if le >= 0:
             self._request_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
+        elif (
+            buf[pos] not in _METHOD_FIRST_BYTES
+            if self._methods is not None
+            else _TOKEN_FULL(buf, pos, pos + 1) is None
+        ):
+            raise ParseError(CODEC_ERROR)  # Envoy rejects on the first byte already
         if end - pos > limit:
             if le >= 0:
                 _check_lines(buf, le + 1, pos + limit)
@@ -748,8 +759,8 @@ class ResponseParser(_Parser):
     def _status_line(self, line: bytes) -> tuple[int, int]:
         if (
             line[:9] == b"HTTP/1.1 "
+            and (len(line) == 12 or line[12:13] == b" ")
             and line[9:12].isdigit()
-            and (len(line) == 12 or line[12] == 32)
         ):
             status = int(line[9:12])
             if len(line) > 13 and _REASON_OK(line, 13) is None:
@@ -774,9 +785,15 @@ class ResponseParser(_Parser):
             status, version = self._status_line(
                 buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
             )
-            if hend + 2 > le + 1:
-                headers = _fields_fast(buf[le + 1 : hend + 2], self._max_headers_count)
-                if headers is not None:
+            if hend >= le:
+                block = buf[le + 1 : hend + 2]
+                found = _findall_crlf_fields(block)
+                if (
+                    len(found) == block.count(b"\n")
+                    and len(found) <= self._max_headers_count
+                    and not block.translate(None, _FIELD_CHARS)
+                ):
+                    headers = [[n.lower(), v] for n, v in found]
                     special = [h for h in headers if h[0] in _SPECIAL]
                     self._finish_head(status, version, headers, special or None)
                     return hend + 4

@@ -118,10 +118,20 @@ class ListenerHttpStats(StatsStruct):
     )
 
 
+_rid_pool: list[bytes] = []
+
+
 def _new_request_id() -> bytes:
-    h = os.urandom(16).hex()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}".encode()
+    """A random UUID v4 (what Envoy puts in x-request-id), made 64 at a time."""
+    pool = _rid_pool
+    if not pool:
+        h = os.urandom(16 * 64).hex()
+        for i in range(0, len(h), 32):
+            x = h[i : i + 32]
+            pool.append(
+                f"{x[:8]}-{x[8:12]}-4{x[13:16]}-{'89ab'[int(x[16], 16) & 3]}{x[17:20]}-{x[20:]}".encode()
+            )
+    return pool.pop()
 
 
 # HCM fields that change behaviour and pyenvoy does not implement yet: rejected, never ignored.
