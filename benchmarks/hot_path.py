@@ -12,7 +12,6 @@ and after touching the hot path:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import cProfile
 import pstats
 import sys
