@@ -127,22 +127,28 @@ async def run(n: int, profile: bool) -> float:
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        one()
-    dt = time.perf_counter() - t0
+    # Best of several rounds: the machine is shared, the minimum is the honest figure.
+    best = float("inf")
+    rounds = 1 if profile else 7
+    for _ in range(rounds):
+        down.out.clear()
+        up.out.clear()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            one()
+        best = min(best, time.perf_counter() - t0)
     if prof:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
     assert len(down.out) == n
-    return dt / n * 1e6
+    return best / n * 1e6
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("-n", type=int, default=20000)
+    ap.add_argument("-n", type=int, default=5000)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     import uvloop

@@ -54,7 +54,6 @@ PYENVOY_CMD = "{python} -m pyenvoy -c {config} --concurrency 1 -l error"
 
 SMALL_BODY = b"0123456789abcdef" * 8  # 128 bytes
 LARGE_SIZE = 1 << 20
-POST_SIZE = 64 * 1024
 PORT_RANGE = (20000, 32000)  # below the kernel's ephemeral range (32768+)
 
 

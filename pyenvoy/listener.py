@@ -212,7 +212,9 @@ class Listener:
         self.local_address = (addr[0], addr[1])
         factories = self.filter_factories
         limit = self.buffer_limit
-        self.server = await loop.create_server(lambda: Connection(factories, self, limit), sock=sock)
+        self.server = await loop.create_server(
+            lambda: Connection(factories, self, limit), sock=sock, backlog=self.backlog
+        )
         log.info("listener '%s' bound to %s:%d", self.name, addr[0], addr[1])
 
     def on_connection_open(self, conn: Connection) -> None:

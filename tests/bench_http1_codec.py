@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import sys
 import timeit
+from pathlib import Path
 
 import h11
 
-from pyenvoy.http.http1 import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from pyenvoy.http.http1 import (  # noqa: E402
     RequestParser,
     ResponseParser,
     encode_chunk,

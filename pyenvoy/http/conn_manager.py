@@ -99,14 +99,13 @@ class ConnectionManager(nf.ReadFilter):
         self.start = time.monotonic()
         idle = self.config.idle_timeout
         if idle:
-            loop = _loop()
-            self.last_activity = loop.time()
-            self._idle_handle = loop.call_later(idle, self._on_idle_check)
+            self.last_activity = time.monotonic()
+            self._idle_handle = _loop().call_later(idle, self._on_idle_check)
         return nf.STOP_ITERATION
 
     def on_data(self, data: bytes, end_stream: bool) -> int:
         if self._idle_handle is not None:
-            self.last_activity = _loop().time()
+            self.last_activity = _monotonic()
         if data:
             self.stats.downstream_cx_rx_bytes_total.value += len(data)
             try:
@@ -214,7 +213,7 @@ class ConnectionManager(nf.ReadFilter):
             stream.request_complete = not has_body
             stream.send_local_reply(400, b"", "invalid_url", close=True)
             return
-        if version == 11 and method != b"HEAD" and not config.proxy_100_continue:
+        if has_body and version == 11 and not config.proxy_100_continue:
             expect = rh.get(b"expect")
             if expect is not None and expect.lower() == b"100-continue":
                 # Envoy answers 100-continue itself and does not forward the Expect header.
@@ -296,7 +295,7 @@ class ConnectionManager(nf.ReadFilter):
             return
         loop = _loop()
         idle = self.config.idle_timeout
-        remaining = self.last_activity + idle - loop.time()
+        remaining = self.last_activity + idle - time.monotonic()
         if self.stream is not None or remaining > 0:
             self._idle_handle = loop.call_later(max(remaining, idle if self.stream else 0.001), self._on_idle_check)
             return
@@ -308,6 +307,9 @@ class ConnectionManager(nf.ReadFilter):
         self.closing = True
         if self.stream is None:
             self.connection.close()
+
+
+_monotonic = time.monotonic
 
 
 def _loop() -> Any:

@@ -1,36 +1,44 @@
 """HTTP/1.1 codec: incremental request/response parsers and head serializers.
 
-Strategy: a parser owns one byte buffer and a small integer state (head, CL body, chunk size
-line, chunk data, chunk CRLF, trailers, read-until-close/tunnel, message-done). ``feed()`` runs
-a loop over the buffer that never touches single bytes in Python: the head is located with
-``bytes.find(b"\\r\\n\\r\\n")`` (a regex only when bare LFs are present), the request line is
-``split(b" ")`` on the fast path, and the whole header block is validated and split by ONE
-``findall`` of a precompiled line regex whose second alternative captures any bad line, so a
-malformed line can never be skipped silently. Body bytes are handed on as slices of the fed
-buffer (the fed ``bytes`` object itself when a feed is all body); only an incomplete head or
-line is kept, in a ``bytearray`` that grows by amortised appends and is re-scanned only when a
-newline arrives.
+Strategy: a parser owns one byte buffer and a small integer state (head, CL body, chunk-size
+line, chunk data, chunk CRLF, trailers, stream, message-done). ``feed()`` runs a loop over the
+buffer that never walks single bytes in Python. Fast path for a head: ``find(b"\r\n\r\n")``,
+``split(b" ")`` of the request line, then ONE ``findall`` of a line-anchored regex over the
+header block; the block is accepted only if every line matched (match count == LF count) and
+``translate()`` finds no forbidden byte. Anything unusual (bare LF, obs-fold, trailing OWS,
+bad bytes, limits) re-parses the head on the general path, whose regex has a catch-all
+alternative so each malformed line is seen and classified the way Envoy reports it. Body bytes
+are handed on as slices of the fed buffer (the fed ``bytes`` object itself when a feed is all
+body). Only an incomplete head/line is kept: a ``bytearray`` grown by amortised appends,
+re-scanned only when a LF arrives and only past the part already known to hold no blank line.
 
 Acceptance follows real Envoy 1.40 (BalsaParser + HTTP/1 codec, measured with raw sockets):
-method must be one of Envoy's known methods (custom methods need ``allow_custom_methods``),
+the method must be one of Envoy's known methods (custom ones need ``allow_custom_methods``),
 Content-Length must be one plain decimal below 2**64 (several CL headers are rejected even
 when equal), any Content-Length together with Transfer-Encoding is a 400
 (``http1.content_length_and_chunked_not_allowed``), Transfer-Encoding other than exactly one
 ``chunked`` is a 501 (``http1.invalid_transfer_encoding``), a head over ``max_header_bytes``
-or with more than ``max_headers_count`` fields is a 431. Like Envoy (and h11) we accept bare
-LF line ends in the head and trailers, obs-fold continuation lines (each fold becomes one SP),
-empty lines before a request, several SP/HTAB between request-line tokens. Where Envoy is
-lax in a way that invites smuggling we are strict like h11: a bare CR in a field value (Envoy
-drops the CR), anything but CRLF after chunk data (Envoy skips to the next LF), 4-digit
-response status codes (Envoy forwards them).
+(request line through blank line) or with more than ``max_headers_count`` fields is a 431.
+Like Envoy (and h11) we accept bare LF line ends in the head and trailers, obs-fold lines
+(each fold becomes one SP), empty lines before a request, several SP/HTAB between
+request-line tokens. Where Envoy is lax in a way that invites smuggling we are strict like
+h11: a bare CR in a field value (Envoy drops the CR), anything but CRLF after chunk data
+(Envoy skips to the next LF), 4-digit response status codes (Envoy forwards them).
 
 Envoy treats any version other than HTTP/1.1 as HTTP/1.0 (and sends 426 unless
 ``accept_http_10``); we report ``version=10`` for every ``HTTP/d.d`` that is not 1.1 and for
 the version-less HTTP/0.9 request line, so the connection manager answers like Envoy.
 
 CONNECT requests, upgrade requests (``Upgrade`` + ``Connection: upgrade``, except h2c) and
-101 / CONNECT-2xx responses switch the parser to tunnel mode: everything after the head is
-passed through ``on_body`` unparsed and ``on_message_complete`` fires at ``feed_eof()``.
+101 / CONNECT-2xx responses switch the parser to stream mode: everything after the head is
+passed through ``on_body`` unparsed and ``on_message_complete`` fires at ``feed_eof()``
+(as does a response body delimited by connection close).
+
+Callbacks run synchronously inside ``feed()``/``resume()``/``feed_eof()``. ``pause()`` from a
+callback stops after that callback; bytes fed meanwhile are buffered (``buffered_bytes``,
+meaningful outside callbacks) until ``resume()``. ``feed()`` from a callback is queued behind
+the unparsed bytes. A ``ParseError`` may follow callbacks of earlier complete messages from the
+same ``feed()`` (e.g. garbage after a response); the parser is dead afterwards.
 """
 
 from __future__ import annotations
@@ -197,12 +205,13 @@ def _check_lines(buf: bytes, start: int, stop: int) -> None:
             raise _field_error(bad)
 
 
-def _find_head_end(buf: bytes, pos: int) -> tuple[int, int]:
-    """(end of last header line incl. its LF, end of head incl. blank line), or (-1, -1)."""
-    hend = buf.find(b"\r\n\r\n", pos)
+def _find_head_end(buf: bytes, pos: int, start: int) -> tuple[int, int]:
+    """(end of last header line incl. its LF, end of head incl. blank line), or (-1, -1).
+    ``start`` >= pos skips a prefix already known to hold no blank line."""
+    hend = buf.find(b"\r\n\r\n", start)
     if hend >= 0 and buf.count(b"\n", pos, hend) == buf.count(b"\r\n", pos, hend):
         return hend + 2, hend + 4
-    m = _HEAD_END(buf, pos)
+    m = _HEAD_END(buf, start)
     if m is None:
         return -1, -1
     return m.start() + 1, m.end()
@@ -284,6 +293,7 @@ class _Parser:
         "_eof",
         "paused",
         "_status",
+        "_scan",
     )
 
     def __init__(
@@ -302,6 +312,7 @@ class _Parser:
         self._eof = False
         self.paused = False
         self._status = status  # HTTP status carried by this parser's ParseErrors
+        self._scan = 0  # bytes of an incomplete head/trailer section known to hold no end
 
     # -- public ---------------------------------------------------------------------------
 
@@ -467,8 +478,9 @@ class _Parser:
                         self._state = _DONE
                         continue
                     raise ParseError(CODEC_ERROR, self._status)
-                block_end, tail = _find_head_end(buf, pos)
+                block_end, tail = _find_head_end(buf, pos, pos + self._scan)
                 if tail < 0 or tail - pos > self._max_header_bytes:
+                    self._scan = max(0, end - pos - 3)
                     if end - pos > self._max_header_bytes:
                         _check_lines(buf, pos, pos + self._max_header_bytes)
                         raise ParseError(
@@ -481,6 +493,7 @@ class _Parser:
                 except ParseError as e:
                     raise ParseError(e.details, self._status) from None
                 pos = tail
+                self._scan = 0
                 self._state = _DONE
             elif state == _STREAM:
                 if pos >= end:
@@ -596,8 +609,9 @@ class RequestParser(_Parser):
             c = buf[pos]
         # Fast path: CRLF head. Anything unusual (bare LF, obs-fold, bad bytes, limits) falls
         # through to the general path, which re-parses the head and reports the exact error.
-        hend = buf.find(b"\r\n\r\n", pos)
+        hend = buf.find(b"\r\n\r\n", pos + self._scan)
         if hend >= 0 and hend + 4 - pos <= self._max_header_bytes:
+            self._scan = 0
             le = buf.find(b"\n", pos)
             method, target, version = self._request_line(
                 buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
@@ -620,10 +634,13 @@ class RequestParser(_Parser):
         return self._parse_head_general(buf, pos, end)
 
     def _parse_head_general(self, buf: bytes, pos: int, end: int) -> int:
-        block_end, head_end = _find_head_end(buf, pos)
+        scanned = self._scan
+        block_end, head_end = _find_head_end(buf, pos, pos + scanned)
         if head_end < 0 or head_end - pos > self._max_header_bytes:
-            self._incomplete_head(buf, pos, end)
+            self._scan = max(0, end - pos - 3)
+            self._incomplete_head(buf, pos, end, scanned)
             return ~pos
+        self._scan = 0
         le = buf.find(b"\n", pos)
         method, target, version = self._request_line(
             buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
@@ -689,13 +706,15 @@ class RequestParser(_Parser):
                 self._state = _DONE
         self._on_headers(method, target, version, headers, keep_alive, has_body)
 
-    def _incomplete_head(self, buf: bytes, pos: int, end: int) -> None:
+    def _incomplete_head(self, buf: bytes, pos: int, end: int, scanned: int) -> None:
         """No complete head yet (or one that is too big): report errors Envoy would report
-        already, else 431 once the limit is passed."""
+        already, else 431 once the limit is passed. The request line is validated once, when
+        its LF arrives (``scanned``: bytes already looked at by an earlier call)."""
         limit = self._max_header_bytes
         le = buf.find(b"\n", pos, pos + limit)
         if le >= 0:
-            self._request_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
+            if le - pos >= scanned or end - pos > limit:
+                self._request_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
         elif (
             buf[pos] not in _METHOD_FIRST_BYTES
             if self._methods is not None
@@ -740,8 +759,10 @@ class ResponseParser(_Parser):
     __slots__ = ("_on_headers", "_on_info", "_expected")
 
     def __init__(
-        self, handler: Any, max_header_bytes: int = 60 * 1024, max_headers_count: int = 100
+        self, handler: Any, max_header_bytes: int = 80 * 1024, max_headers_count: int = 100
     ) -> None:
+        # Envoy 1.40 accepts an upstream response head of 81920 bytes and rejects 81921
+        # (requests: 61440), and 100 response header fields.
         super().__init__(handler, max_header_bytes, max_headers_count, 502)
         self._on_headers = handler.on_response_headers
         self._on_info = handler.on_informational
@@ -779,8 +800,9 @@ class ResponseParser(_Parser):
     def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
         if buf[pos] != 72:  # Envoy: a response must start with "H"
             raise ParseError(CODEC_ERROR, 502)
-        hend = buf.find(b"\r\n\r\n", pos)
+        hend = buf.find(b"\r\n\r\n", pos + self._scan)
         if hend >= 0 and hend + 4 - pos <= self._max_header_bytes:
+            self._scan = 0
             le = buf.find(b"\n", pos)
             status, version = self._status_line(
                 buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le]
@@ -803,11 +825,13 @@ class ResponseParser(_Parser):
         return self._parse_head_general(buf, pos, end)
 
     def _parse_head_general(self, buf: bytes, pos: int, end: int) -> int:
-        block_end, head_end = _find_head_end(buf, pos)
+        scanned = self._scan
+        block_end, head_end = _find_head_end(buf, pos, pos + scanned)
         if head_end < 0 or head_end - pos > self._max_header_bytes:
+            self._scan = max(0, end - pos - 3)
             limit = self._max_header_bytes
             le = buf.find(b"\n", pos, pos + limit)
-            if le >= 0:
+            if le >= 0 and (le - pos >= scanned or end - pos > limit):
                 self._status_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
             if end - pos > limit:
                 if le >= 0:
@@ -817,6 +841,7 @@ class ResponseParser(_Parser):
                         raise ParseError(e.details, 502) from None
                 raise ParseError(HEADERS_TOO_LARGE, 502)
             return ~pos
+        self._scan = 0
         le = buf.find(b"\n", pos)
         status, version = self._status_line(buf[pos : le - 1] if buf[le - 1] == 13 else buf[pos:le])
         if block_end > le + 1:

@@ -959,6 +959,8 @@ class Route:
         "_header_checks",
         "_path_rewrite",
         "_synthetic",
+        "_request_chain",
+        "_response_chain",
     )
 
     def __init__(self, name: str, virtual_host: VirtualHost, table: RouteTable) -> None:
@@ -1001,6 +1003,10 @@ class Route:
         self._header_checks: tuple[HeaderMatch, ...] = ()
         self._path_rewrite: Callable[[bytes], bytes] | None = None
         self._synthetic = False
+        # Non-empty header mutation levels in application order, resolved on first use
+        # (the route table is complete by then).
+        self._request_chain: tuple[HeaderMutations, ...] | None = None
+        self._response_chain: tuple[HeaderMutations, ...] | None = None
 
     def __repr__(self) -> str:
         return f"Route({self.name!r}, vhost={self.virtual_host.name!r})"
@@ -1071,16 +1077,15 @@ class Route:
         """request_headers_to_add/remove at all levels, then host rewrites (not :path)."""
         if self._synthetic:
             return
-        route_level = self.request_mutations
-        vhost_level = self.virtual_host.request_mutations
-        table_level = self.table.request_mutations
-        if self.table.most_specific_header_mutations_wins:
-            order = (table_level, vhost_level, route_level)
-        else:
-            order = (route_level, vhost_level, table_level)
-        for mutations in order:
-            if mutations:
-                mutations.apply(headers, stream_info, headers, None)
+        chain = self._request_chain
+        if chain is None:
+            chain = self._request_chain = self._chain(
+                self.request_mutations,
+                self.virtual_host.request_mutations,
+                self.table.request_mutations,
+            )
+        for mutations in chain:
+            mutations.apply(headers, stream_info, headers, None)
         if self.host_rewrite_literal is not None:
             self.update_authority(headers, self.host_rewrite_literal, insert_envoy_headers)
         elif self.host_rewrite_header is not None:
@@ -1153,16 +1158,24 @@ class Route:
         """response_headers_to_add/remove at all levels (formatters see ``request_headers``)."""
         if self._synthetic:  # Envoy's SslRedirector adds no headers
             return
-        route_level = self.response_mutations
-        vhost_level = self.virtual_host.response_mutations
-        table_level = self.table.response_mutations
+        chain = self._response_chain
+        if chain is None:
+            chain = self._response_chain = self._chain(
+                self.response_mutations,
+                self.virtual_host.response_mutations,
+                self.table.response_mutations,
+            )
+        for mutations in chain:
+            mutations.apply(headers, stream_info, request_headers, headers)
+
+    def _chain(
+        self, route_level: HeaderMutations, vhost_level: HeaderMutations, table_level: HeaderMutations
+    ) -> tuple[HeaderMutations, ...]:
         if self.table.most_specific_header_mutations_wins:
             order = (table_level, vhost_level, route_level)
         else:
             order = (route_level, vhost_level, table_level)
-        for mutations in order:
-            if mutations:
-                mutations.apply(headers, stream_info, request_headers, headers)
+        return tuple(m for m in order if m)
 
 
 class RouteTable:

@@ -74,6 +74,7 @@ class ActiveClient(asyncio.Protocol):
         "local_close",
         "read_disabled",
         "_connect_start",
+        "held_body",
     )
 
     def __init__(self, pool: Http1ConnPool) -> None:
@@ -94,6 +95,7 @@ class ActiveClient(asyncio.Protocol):
         self.stats = pool.info.stats
         self.local_close = False
         self.read_disabled = False
+        self.held_body: bytes | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,7 +120,15 @@ class ActiveClient(asyncio.Protocol):
         conn.cork()
         try:
             self.parser.feed(data)
+            # Body bytes held back in case the end of the message followed in this read.
+            held = self.held_body
+            if held is not None:
+                self.held_body = None
+                stream = self.stream
+                if stream is not None:
+                    stream.on_upstream_data(held, False)
         except http1.ParseError as e:
+            self.held_body = None
             self.stats.upstream_cx_protocol_error.inc()
             log.debug("upstream protocol error from %s: %s", self.pool.host.address, e.details)
             self._fail_stream(PROTOCOL_ERROR)
@@ -183,9 +193,14 @@ class ActiveClient(asyncio.Protocol):
             self.stream.on_upstream_informational(status, headers)
 
     def on_body(self, data: bytes) -> None:
-        stream = self.stream
-        if stream is not None:
-            stream.on_upstream_data(data, False)
+        # Hold the chunk until the parser returns: if the message ends in the same read,
+        # body and end of stream go downstream as one call.
+        held = self.held_body
+        self.held_body = data
+        if held is not None:
+            stream = self.stream
+            if stream is not None:
+                stream.on_upstream_data(held, False)
 
     def on_message_complete(self) -> None:
         self.response_complete = True
@@ -193,9 +208,11 @@ class ActiveClient(asyncio.Protocol):
             # The response finished before the request body: the upstream won't read the
             # rest, so this connection can't be reused (Envoy closes it too).
             self.keep_alive = False
+        held = self.held_body
+        self.held_body = None
         stream = self.stream
         if stream is not None:
-            stream.on_upstream_data(b"", True)
+            stream.on_upstream_data(held if held is not None else b"", True)
         self._release()
 
     # --- API for the router --------------------------------------------------------------

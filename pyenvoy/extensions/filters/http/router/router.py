@@ -35,6 +35,7 @@ TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 _BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. reset reason: "
 _BODY_METHODS = (b"POST", b"PUT", b"PATCH")
+_TIMEOUT_HEADER_VALUES: dict[float, bytes] = {}
 
 
 class RouterStats(StatsStruct):
@@ -180,7 +181,10 @@ class Router(hf.StreamDecoderFilter):
         envoy_headers = not self.config.suppress_envoy_headers
         timeout = route.timeout
         if envoy_headers and timeout > 0:
-            headers.headers.append([b"x-envoy-expected-rq-timeout-ms", str(int(timeout * 1000)).encode()])
+            value = _TIMEOUT_HEADER_VALUES.get(timeout)
+            if value is None:
+                value = _TIMEOUT_HEADER_VALUES[timeout] = str(int(timeout * 1000)).encode()
+            headers.headers.append([b"x-envoy-expected-rq-timeout-ms", value])
         route.finalize_request_headers(headers, si, envoy_headers)
         if route.auto_host_rewrite and host.hostname:
             route.update_authority(headers, host.hostname.encode(), envoy_headers)

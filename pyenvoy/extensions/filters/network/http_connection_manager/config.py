@@ -299,23 +299,34 @@ class HcmConfig:
             )
             self.filter_factories.append((hf.name, ext.factory(msg, sub)))
         self._makers = [m for _, m in self.filter_factories]
+        self._roles: list[tuple[Callable[[], Any], bool, bool]] | None = None
 
     # --- per connection / per stream --------------------------------------------------------
     def create_connection_filter(self) -> ConnectionManager:
         return ConnectionManager(self)
 
     def create_filter_chain(self, stream: ActiveStream) -> list[Any]:
+        """One instance of every HTTP filter for ``stream``: decoders in order, encoders
+        reversed (what each filter is, is learnt from its first instance)."""
+        roles = self._roles
+        if roles is None:
+            roles = self._roles = []
+            for make in self._makers:
+                sample = make()
+                roles.append((make, hasattr(sample, "decode_headers"), hasattr(sample, "encode_headers")))
         decoders = stream.decoder_filters
-        encoders: list[Any] = []
-        for make in self._makers:
+        encoders: list[Any] | None = None
+        for make, dec, enc in roles:
             f = make()
-            if hasattr(f, "decode_headers"):
+            if dec:
                 f.set_decoder_filter_callbacks(stream)
                 decoders.append(f)
-            if hasattr(f, "encode_headers"):
+            if enc:
                 f.set_encoder_filter_callbacks(stream)
+                if encoders is None:
+                    encoders = []
                 encoders.append(f)
-        if encoders:
+        if encoders is not None:
             encoders.reverse()
             stream.encoder_filters = encoders
         return decoders
@@ -327,11 +338,18 @@ class HcmConfig:
         ip = remote[0] if remote else ""
         internal = self._is_internal(ip)
         hl = headers.headers
+        xfp = rid = None
+        strip = False
         for h in hl:
             n = h[0]
-            if n in _REQUEST_HOP_BY_HOP or n[:8] == b"x-envoy-" or n == b"te" or n in self.internal_only_headers:
-                headers.headers = hl = _strip_request_headers(hl, self.internal_only_headers, not internal)
-                break
+            if n == b"x-forwarded-proto":
+                xfp = h
+            elif n == b"x-request-id":
+                rid = h[1]
+            elif n in _REQUEST_HOP_BY_HOP or n[:8] == b"x-envoy-" or n == b"te" or n in self.internal_only_headers:
+                strip = True
+        if strip:
+            headers.headers = hl = _strip_request_headers(hl, self.internal_only_headers, not internal)
         if self.use_remote_address:
             if not self.skip_xff_append and ip:
                 # Envoy appends its own address for loopback peers.
@@ -342,7 +360,7 @@ class HcmConfig:
                 else:
                     hl.append([b"x-forwarded-for", hop])
             headers.set(b"x-forwarded-proto", headers.scheme)
-        elif headers.get(b"x-forwarded-proto") is None:
+        elif xfp is None:
             hl.append([b"x-forwarded-proto", headers.scheme])
         if self.via is not None:
             via = headers.get(b"via")
@@ -354,13 +372,13 @@ class HcmConfig:
             else:
                 hl.append([b"x-envoy-external-address", ip.encode()])
         if self.generate_request_id:
-            rid = headers.get(b"x-request-id")
-            if rid is None or (edge and not self.preserve_external_request_id):
+            if rid is None:
+                rid = _new_request_id()
+                headers.headers.append([b"x-request-id", rid])
+            elif edge and not self.preserve_external_request_id:
                 rid = _new_request_id()
                 headers.set(b"x-request-id", rid)
-            si.request_id = rid
-        else:
-            si.request_id = headers.get(b"x-request-id")
+        si.request_id = rid
 
     def _is_internal(self, ip: str) -> bool:
         """Only addresses in internal_address_config.cidr_ranges are internal (Envoy 1.40)."""
