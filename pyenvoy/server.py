@@ -234,6 +234,9 @@ class Server:
         lm = self.listener_manager
         if lm is not None:
             lm.stop_listening()
+        from pyenvoy.access_log import flush_all
+
+        flush_all()
         if self._stopped is not None:
             self._stopped.set()
 

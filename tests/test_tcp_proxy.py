@@ -373,15 +373,6 @@ def test_config_rejects(fields: dict[str, Any], path: str, text: str) -> None:
     assert text in ei.value.message
 
 
-def test_access_log_accepted_with_note(caplog: pytest.LogCaptureFixture) -> None:
-    proto = make_proto(stat_prefix="p", cluster="c")
-    proto.access_log.add().name = "envoy.access_loggers.stdout"
-    with caplog.at_level("WARNING", logger="pyenvoy.tcp_proxy"):
-        cfg = TcpProxyConfig(proto, FactoryContext(path="f"))
-    assert cfg.access_log_configured
-    assert "access_log is accepted but not emitted" in caplog.text
-
-
 def test_unknown_cluster_is_not_a_config_error() -> None:
     # Envoy accepts it and counts downstream_cx_no_route per connection.
     build(make_proto(stat_prefix="p", cluster="nosuch"), FakeClusterManager(), Store())

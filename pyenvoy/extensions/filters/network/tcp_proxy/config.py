@@ -99,7 +99,7 @@ class TcpProxyConfig:
         "max_duration_jitter",
         "stats",
         "cluster_manager",
-        "access_log_configured",
+        "access_logs",
     )
 
     def __init__(self, proto: Any, ctx: FactoryContext) -> None:
@@ -236,16 +236,16 @@ class TcpProxyConfig:
                     )
                 self.max_duration_jitter = pct / 100.0
 
-        # Accepted, with no effect in pyenvoy yet (said out loud, never silently).
-        self.access_log_configured = bool(len(proto.access_log))
-        if (
-            self.access_log_configured
-            or proto.HasField("access_log_options")
-            or proto.HasField("access_log_flush_interval")
-        ):
+        # Access logs: one line per TCP session, written when the downstream closes.
+        self.access_logs: list[Any] = []
+        if len(proto.access_log):
+            from pyenvoy.access_log import build_access_logs
+
+            self.access_logs = build_access_logs(proto.access_log, _field(path, "access_log"))
+        if proto.HasField("access_log_options") or proto.HasField("access_log_flush_interval"):
             log.warning(
-                "%s: tcp_proxy access_log is accepted but not emitted yet by pyenvoy",
-                _field(path, "access_log"),
+                "%s: tcp_proxy periodic access logging is not supported; lines are written at close",
+                _field(path, "access_log_options"),
             )
         if len(proto.hash_policy):
             log.info(

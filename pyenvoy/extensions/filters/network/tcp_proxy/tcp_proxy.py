@@ -333,6 +333,13 @@ class TcpProxyFilter(ReadFilter):
         self.downstream_closed = True
         self._cancel_timers()
         self._report_tx_buffered(0)
+        si = self.stream_info
+        if si is not None and self.config.access_logs:
+            conn = self.connection
+            si.bytes_received = conn.bytes_received
+            si.bytes_sent = conn.bytes_sent
+            for logger in self.config.access_logs:
+                logger.log(None, None, si)
         up = self.upstream
         if up is None:
             return
