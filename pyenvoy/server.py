@@ -162,7 +162,14 @@ class Server:
 
                 sa = admin.address.socket_address
                 self.admin = AdminServer(self, (sa.address, sa.port_value), admin.access_log_path or None)
-                self.admin_address = await self.admin.start()
+                try:
+                    self.admin_address = await self.admin.start()
+                except OSError as e:
+                    self.admin = None
+                    raise ConfigError(
+                        f"cannot bind '{sa.address}:{sa.port_value}': {e.strerror or e}",
+                        "admin.address",
+                    ) from None
                 path = getattr(self.options, "admin_address_path", None)
                 if path:
                     with open(path, "w") as f:

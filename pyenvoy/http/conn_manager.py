@@ -96,16 +96,12 @@ class ConnectionManager(nf.ReadFilter):
         s.downstream_cx_http1_total.value += 1
         s.downstream_cx_active.value += 1
         s.downstream_cx_http1_active.value += 1
-        self.start = time.monotonic()
-        idle = self.config.idle_timeout
-        if idle:
-            self.last_activity = time.monotonic()
-            self._idle_handle = _loop().call_later(idle, self._on_idle_check)
+        self.start = self.last_activity = time.monotonic()
+        self._arm_idle_check(self.config.idle_check_interval)
         return nf.STOP_ITERATION
 
     def on_data(self, data: bytes, end_stream: bool) -> int:
-        if self._idle_handle is not None:
-            self.last_activity = _monotonic()
+        self.last_activity = _monotonic()
         if data:
             self.stats.downstream_cx_rx_bytes_total.value += len(data)
             try:
@@ -288,16 +284,56 @@ class ConnectionManager(nf.ReadFilter):
         stream.send_local_reply(e.status, body, e.details, close=True)
         self.parser.pause()
 
+    # --- idle timeouts ----------------------------------------------------------------
+    # One timer per connection covers both the connection idle_timeout (no stream) and the
+    # stream idle timeout (a stream with no bytes either way). Activity only stamps
+    # ``last_activity``; the timer re-arms itself for what is left, so no timer is created
+    # or cancelled per request or per chunk.
+    def _arm_idle_check(self, delay: float) -> None:
+        if delay <= 0:
+            return
+        h = self._idle_handle
+        if h is not None:
+            h.cancel()
+        self._idle_handle = _loop().call_later(delay, self._on_idle_check)
+
+    def set_stream_idle_timeout(self, seconds: float) -> None:
+        """A route's idle_timeout overrides the HCM's stream_idle_timeout."""
+        stream = self.stream
+        if stream is None:
+            return
+        stream.idle_timeout = seconds
+        if seconds > 0:
+            self._arm_idle_check(seconds)
+
     def _on_idle_check(self) -> None:
         self._idle_handle = None
         conn = self.connection
         if conn.closed:
             return
-        loop = _loop()
-        idle = self.config.idle_timeout
-        remaining = self.last_activity + idle - time.monotonic()
-        if self.stream is not None or remaining > 0:
-            self._idle_handle = loop.call_later(max(remaining, idle if self.stream else 0.001), self._on_idle_check)
+        config = self.config
+        stream = self.stream
+        now = time.monotonic()
+        if stream is not None:
+            timeout = stream.idle_timeout
+            if timeout <= 0:
+                self._arm_idle_check(config.idle_check_interval)
+                return
+            remaining = self.last_activity + timeout - now
+            if remaining > 0:
+                self._arm_idle_check(remaining)
+                return
+            stream.on_idle_timeout()
+            self.last_activity = now
+            self._arm_idle_check(config.idle_check_interval)
+            return
+        idle = config.idle_timeout
+        if not idle:
+            self._arm_idle_check(config.idle_check_interval)
+            return
+        remaining = self.last_activity + idle - now
+        if remaining > 0:
+            self._arm_idle_check(min(remaining, config.idle_check_interval))
             return
         self.stats.downstream_cx_idle_timeout.value += 1
         conn.close()
@@ -350,6 +386,7 @@ class ActiveStream:
         "response_headers",
         "local_reply",
         "_upstream_above",
+        "idle_timeout",
     )
 
     def __init__(self, cm: ConnectionManager, headers: RequestHeaders, version: int, keep_alive: bool) -> None:
@@ -383,6 +420,7 @@ class ActiveStream:
         self.response_headers: ResponseHeaders | None = None
         self.local_reply = False
         self._upstream_above = False
+        self.idle_timeout = cm.config.stream_idle_timeout
         s = cm.stats
         s.downstream_rq_total.value += 1
         s.downstream_rq_http1_total.value += 1
@@ -649,6 +687,7 @@ class ActiveStream:
         if framing is not None:
             hl.append(framing)
         head = http1.encode_response_head(status, hl, self.version)
+        cm.last_activity = _monotonic()
         cm.stats.downstream_cx_tx_bytes_total.value += len(head)
         cm.connection.write(head)
         if end_stream or self.is_head or no_body_status:
@@ -660,6 +699,7 @@ class ActiveStream:
         conn = self.cm.connection
         n = len(data)
         if n:
+            self.cm.last_activity = _monotonic()
             self.stream_info.bytes_sent += n
             if self.is_head:
                 pass
@@ -754,6 +794,20 @@ class ActiveStream:
             return
         self.cm.stats.downstream_rq_timeout.value += 1
         self.send_local_reply(408, b"request timeout", "request_overall_timeout", close=True)
+
+    def on_idle_timeout(self) -> None:
+        """No bytes either way for the stream idle timeout: Envoy answers ``stream timeout``
+        with 504 once the request is complete, 408 while it is still arriving."""
+        self.cm.stats.downstream_rq_idle_timeout.value += 1
+        self.stream_info.set_response_flag(sinfo.STREAM_IDLE_TIMEOUT)
+        if self.response_started:
+            self.reset_stream()
+            return
+        status = 504 if self.request_complete else 408
+        self.send_local_reply(status, b"stream timeout", "stream_idle_timeout")
+
+    def set_idle_timeout(self, seconds: float) -> None:
+        self.cm.set_stream_idle_timeout(seconds)
 
     def reset_stream(self) -> None:
         """A filter aborts the stream after the response started: HTTP/1 closes the connection."""

@@ -130,6 +130,8 @@ class Router(hf.StreamDecoderFilter):
             )
             return hf.STOP_ITERATION
         self.route = route
+        if route.idle_timeout is not None:
+            cb.set_idle_timeout(route.idle_timeout)
         direct = route.direct_response
         if direct is not None:
             stats.rq_direct_response.value += 1

@@ -233,6 +233,14 @@ class HcmConfig:
         self.request_timeout = seconds(proto, "request_timeout", 0.0)
         self.stream_idle_timeout = seconds(proto, "stream_idle_timeout", 300.0)
         self.request_headers_timeout = seconds(proto, "request_headers_timeout", 0.0)
+        if self.request_headers_timeout:
+            raise ConfigError(
+                "request_headers_timeout is not supported by pyenvoy yet", f"{path}.request_headers_timeout"
+            )
+        # How often a connection's idle timer wakes up when nothing is due sooner.
+        self.idle_check_interval = min(
+            [t for t in (self.idle_timeout, self.stream_idle_timeout) if t > 0] or [3600.0]
+        )
         self.drain_timeout = seconds(proto, "drain_timeout", 5.0)
         self.delayed_close_timeout = seconds(proto, "delayed_close_timeout", 1.0)
         self.accept_http_10 = proto.http_protocol_options.accept_http_10
