@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.upstream.host import Host
-from pyenvoy.upstream.load_balancer import LB_POLICIES, LeastRequestLoadBalancer, LoadBalancer
+from pyenvoy.upstream.load_balancer import LoadBalancer, LoadBalancerFactory
 
 if TYPE_CHECKING:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
@@ -271,22 +271,7 @@ class Cluster:
             raise ConfigError(
                 f"cluster type {self.type} is not supported by pyenvoy yet", f"{path}.type"
             )
-        if proto.HasField("load_balancing_policy"):
-            raise ConfigError(
-                "load_balancing_policy is not supported by pyenvoy yet; use lb_policy",
-                f"{path}.load_balancing_policy",
-            )
-        self.lb_policy = proto.LbPolicy.Name(proto.lb_policy)
-        if self.lb_policy not in LB_POLICIES:
-            raise ConfigError(
-                f"lb_policy {self.lb_policy} is not supported by pyenvoy yet", f"{path}.lb_policy"
-            )
-        self._lb_class = LB_POLICIES[self.lb_policy]
-        self.choice_count = 2
-        if proto.HasField("least_request_lb_config") and proto.least_request_lb_config.HasField(
-            "choice_count"
-        ):
-            self.choice_count = proto.least_request_lb_config.choice_count.value
+        self.lb_factory = LoadBalancerFactory(proto, path)
         self.dns_refresh_rate = _duration(
             proto.dns_refresh_rate if proto.HasField("dns_refresh_rate") else None, 5.0
         )
@@ -324,17 +309,15 @@ class Cluster:
                 "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
                 f"{path}.load_assignment",
             )
-        self.panic_threshold = 50.0
-        cl = proto.common_lb_config
-        if cl.HasField("healthy_panic_threshold"):
-            self.panic_threshold = cl.healthy_panic_threshold.value
         self.panic = True
         self.hosts: list[Host] = []
         self.healthy_hosts: list[Host] = []
-        self.lb: LoadBalancer = self._lb_class([])
+        self.lb: LoadBalancer = self.lb_factory.build([])[0]
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._resolving: asyncio.Task[None] | None = None
         self.health_checker: Any = None
+        # Outlier detector (or None): the router reports every upstream result to it.
+        self.outlier: Any = None
         if self.type == "STATIC":
             self.set_hosts(
                 [Host((a, p), info, hostname="", weight=w, priority=pr) for a, p, w, pr in self.endpoints]
@@ -365,26 +348,11 @@ class Cluster:
     def refresh_health(self) -> None:
         """Recompute the healthy set and the load balancer (call after a health change)."""
         stats = self.info.stats
-        # Only the highest-priority level that has healthy hosts takes traffic (no spillover
-        # maths yet: priorities arrive with the traffic-management issue).
-        healthy = [h for h in self.hosts if not h.health_flags]
-        total = len(self.hosts)
-        # Panic mode (healthy_panic_threshold, default 50%): too few healthy hosts, so
-        # balance over all of them rather than overload the few (Envoy's behaviour).
-        self.panic = total == 0 or len(healthy) * 100 < self.panic_threshold * total
-        if self.panic and total:
-            healthy = list(self.hosts)
-        if healthy:
-            top = min(h.priority for h in healthy)
-            healthy = [h for h in healthy if h.priority == top]
-        self.healthy_hosts = healthy
+        self.lb, self.panic = self.lb_factory.build(self.hosts)
+        self.healthy_hosts = self.lb.hosts
         stats.membership_total.set(len(self.hosts))
         stats.membership_healthy.set(len([h for h in self.hosts if not h.health_flags]))
         stats.max_host_weight.set(max((h.weight for h in self.hosts), default=0))
-        if self._lb_class is LeastRequestLoadBalancer:
-            self.lb = LeastRequestLoadBalancer(healthy, self.choice_count)
-        else:
-            self.lb = self._lb_class(healthy)
 
     def choose_host(self, context: Any = None) -> Host | None:
         if self.panic:

@@ -102,3 +102,69 @@ LB_POLICIES = {
     "RANDOM": RandomLoadBalancer,
     "LEAST_REQUEST": LeastRequestLoadBalancer,
 }
+
+
+class LoadBalancerContext:
+    """What a request offers a load balancer: headers and stream info (for hash policies).
+
+    The router creates one only when the cluster's load balancer ``uses_hash``."""
+
+    __slots__ = ("headers", "stream_info", "hash_policy")
+
+    def __init__(self, headers: Any, stream_info: Any, hash_policy: Any) -> None:
+        self.headers = headers
+        self.stream_info = stream_info
+        self.hash_policy = hash_policy
+
+    def compute_hash(self) -> int | None:
+        """The request's hash from the route's hash_policy (None: no policy produced one)."""
+        return None
+
+
+class LoadBalancerFactory:
+    """A cluster's load-balancing settings, compiled once from its proto.
+
+    ``build(hosts)`` turns the cluster's full host list (with health flags and priorities)
+    into the load balancer used until the next host or health change, and says whether the
+    cluster is in panic mode (too few healthy hosts: balance over all of them)."""
+
+    def __init__(self, proto: Any, path: str) -> None:
+        from pyenvoy.config.errors import ConfigError
+
+        if proto.HasField("load_balancing_policy"):
+            raise ConfigError(
+                "load_balancing_policy is not supported by pyenvoy yet; use lb_policy",
+                f"{path}.load_balancing_policy",
+            )
+        self.policy = proto.LbPolicy.Name(proto.lb_policy)
+        if self.policy not in LB_POLICIES:
+            raise ConfigError(
+                f"lb_policy {self.policy} is not supported by pyenvoy yet", f"{path}.lb_policy"
+            )
+        self.lb_class = LB_POLICIES[self.policy]
+        self.uses_hash = False
+        self.choice_count = 2
+        if proto.HasField("least_request_lb_config") and proto.least_request_lb_config.HasField(
+            "choice_count"
+        ):
+            self.choice_count = proto.least_request_lb_config.choice_count.value
+        self.panic_threshold = 50.0
+        cl = proto.common_lb_config
+        if cl.HasField("healthy_panic_threshold"):
+            self.panic_threshold = cl.healthy_panic_threshold.value
+
+    def build(self, hosts: list[Host]) -> tuple[LoadBalancer, bool]:
+        healthy = [h for h in hosts if not h.health_flags]
+        total = len(hosts)
+        # Panic mode (healthy_panic_threshold, default 50%): too few healthy hosts, so
+        # balance over all of them rather than overload the few (Envoy's behaviour).
+        panic = total == 0 or len(healthy) * 100 < self.panic_threshold * total
+        if panic and total:
+            healthy = list(hosts)
+        if healthy:
+            # Only the highest-priority level with hosts takes traffic (no spillover maths yet).
+            top = min(h.priority for h in healthy)
+            healthy = [h for h in healthy if h.priority == top]
+        if self.lb_class is LeastRequestLoadBalancer:
+            return LeastRequestLoadBalancer(healthy, self.choice_count), panic
+        return self.lb_class(healthy), panic

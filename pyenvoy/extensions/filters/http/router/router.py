@@ -26,6 +26,7 @@ from pyenvoy.http.headers import ResponseHeaders
 from pyenvoy.stats import StatsStruct
 from pyenvoy.timeouts import Timeout, queue_for
 from pyenvoy.upstream.conn_pool import CONNECTION_TERMINATION, PROTOCOL_ERROR
+from pyenvoy.upstream.load_balancer import LoadBalancerContext
 
 if TYPE_CHECKING:
     from pyenvoy.http.headers import RequestHeaders
@@ -170,7 +171,10 @@ class Router(hf.StreamDecoderFilter):
         self.cluster = cluster
         info = cluster.info
         si.upstream_cluster = info.name
-        host = cluster.choose_host(None)
+        lb_context = (
+            LoadBalancerContext(headers, si, route.hash_policy) if cluster.lb_factory.uses_hash else None
+        )
+        host = cluster.choose_host(lb_context)
         if host is None:
             info.stats.upstream_cx_none_healthy.value += 1
             info.stats.record_response(503, 0.0)
@@ -267,6 +271,9 @@ class Router(hf.StreamDecoderFilter):
 
     def on_pool_failure(self, reason: str, transport_failure_reason: str) -> None:
         self.pending = False
+        od = self.cluster.outlier
+        if od is not None:
+            od.on_local_origin_failure(self.host, reason)
         self.callbacks.stream_info.set_response_flag(sinfo.UPSTREAM_CONNECTION_FAILURE)
         self._upstream_failed(reason, transport_failure_reason)
 
@@ -298,6 +305,9 @@ class Router(hf.StreamDecoderFilter):
         self.client = None
         if self.done:
             return
+        od = self.cluster.outlier
+        if od is not None:
+            od.on_local_origin_failure(self.host, reason)
         if reason == PROTOCOL_ERROR:
             flag = sinfo.UPSTREAM_PROTOCOL_ERROR
         elif reason == CONNECTION_TERMINATION:
@@ -336,6 +346,9 @@ class Router(hf.StreamDecoderFilter):
         info = self.cluster.info
         info.stats.upstream_rq_timeout.value += 1
         self.host.stats.rq_timeout.value += 1
+        od = self.cluster.outlier
+        if od is not None:
+            od.on_local_origin_failure(self.host, "timeout")
         cb.stream_info.set_response_flag(sinfo.UPSTREAM_REQUEST_TIMEOUT)
         if self.response_started:
             self._cleanup()
@@ -372,7 +385,11 @@ class Router(hf.StreamDecoderFilter):
         if self.done:
             return
         elapsed = (time.monotonic() - self.start) * 1000
-        self.cluster.info.stats.record_response(status, elapsed)
+        cluster = self.cluster
+        cluster.info.stats.record_response(status, elapsed)
+        od = cluster.outlier
+        if od is not None:
+            od.on_upstream_response(self.host, status)
         hs = self.host.stats
         if status >= 500:
             hs.rq_error.value += 1
