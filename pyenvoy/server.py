@@ -14,7 +14,6 @@ import asyncio
 import logging
 import os
 import resource
-import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -257,27 +256,8 @@ def validate_config(bootstrap: Bootstrap) -> None:
     Server(bootstrap)
 
 
-async def _serve(options: ServerOptions, bootstrap: Bootstrap) -> int:
-    server = Server(bootstrap, options)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, server.shutdown)
-        except (NotImplementedError, RuntimeError):
-            pass
-    await server.start()
-    if getattr(options, "mode", "serve") == "init_only":
-        await server.stop(0)
-        return 0
-    await server.wait_closed()
-    return 0
-
-
 def run(options: ServerOptions, bootstrap: Bootstrap) -> int:
-    """Run a server until it is told to stop; returns the process exit code."""
-    import uvloop
+    """Run pyenvoy as a process until told to stop (see pyenvoy/main.py); the exit code."""
+    from pyenvoy.main import run_process
 
-    try:
-        return uvloop.run(_serve(options, bootstrap))
-    except KeyboardInterrupt:
-        return 0
+    return run_process(options, bootstrap)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.stats import Scope, StatsStruct
@@ -170,6 +170,24 @@ def _duration(d: Any, default: float) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+class EndpointConfig(NamedTuple):
+    """One configured lb_endpoint (before DNS resolution)."""
+
+    address: str
+    port: int
+    weight: int
+    priority: int
+    locality: tuple[str, str, str]
+    locality_weight: int
+    hostname: str
+
+    def host(self, address: tuple[str, int], info: ClusterInfo, hostname: str) -> Host:
+        h = Host(address, info, hostname=hostname, weight=self.weight, priority=self.priority)
+        h.locality = self.locality
+        h.locality_weight = self.locality_weight
+        return h
+
+
 class ClusterInfo:
     """Immutable settings of one cluster, compiled from its proto."""
 
@@ -277,7 +295,7 @@ class Cluster:
         )
         self.dns_family = proto.DnsLookupFamily.Name(proto.dns_lookup_family)
         # (hostname, port, weight, priority) per configured endpoint
-        self.endpoints: list[tuple[str, int, int, int]] = []
+        self.endpoints: list[EndpointConfig] = []
         la = proto.load_assignment
         if la.cluster_name and la.cluster_name != proto.name and self.type != "STATIC":
             pass  # Envoy ignores the name for static/DNS clusters
@@ -303,7 +321,20 @@ class Cluster:
                             "setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'",
                             f"{epath}.endpoint.address",
                         ) from None
-                self.endpoints.append((sa.address, sa.port_value, weight, locality.priority))
+                loc = locality.locality
+                self.endpoints.append(
+                    EndpointConfig(
+                        sa.address,
+                        sa.port_value,
+                        weight,
+                        locality.priority,
+                        (loc.region, loc.zone, loc.sub_zone),
+                        locality.load_balancing_weight.value
+                        if locality.HasField("load_balancing_weight")
+                        else 0,
+                        lbe.endpoint.hostname,
+                    )
+                )
         if self.type == "LOGICAL_DNS" and len(self.endpoints) != 1:
             raise ConfigError(
                 "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
@@ -320,7 +351,7 @@ class Cluster:
         self.outlier: Any = None
         if self.type == "STATIC":
             self.set_hosts(
-                [Host((a, p), info, hostname="", weight=w, priority=pr) for a, p, w, pr in self.endpoints]
+                [e.host((e.address, e.port), info, e.hostname) for e in self.endpoints]
             )
 
     # --- host set -------------------------------------------------------------------------
@@ -341,6 +372,8 @@ class Cluster:
                 pool.drain()
         changed = [id(h) for h in new] != [id(h) for h in self.hosts]
         self.hosts = new
+        if changed and self.health_checker is not None:
+            self.health_checker.on_hosts_changed()
         if changed:
             self.info.stats.membership_change.inc()
         self.refresh_health()
@@ -385,7 +418,8 @@ class Cluster:
         stats = self.info.stats
         hosts: list[Host] = []
         failed = False
-        for name, port, weight, prio in self.endpoints:
+        for ep in self.endpoints:
+            name, port = ep.address, ep.port
             stats.update_attempt.inc()
             try:
                 addrs = await self._lookup(loop, name, port)
@@ -398,7 +432,7 @@ class Cluster:
             if self.type == "LOGICAL_DNS":
                 addrs = addrs[:1]
             for a in addrs:
-                hosts.append(Host((a, port), self.info, hostname=name, weight=weight, priority=prio))
+                hosts.append(ep.host((a, port), self.info, ep.hostname or name))
         if failed and not hosts and self.hosts:
             return  # keep the last good answer
         self.set_hosts(hosts)
@@ -467,6 +501,10 @@ class ClusterManager:
                 from pyenvoy.upstream.health_check import make_health_checker
 
                 cluster.health_checker = make_health_checker(cluster, proto.health_checks, f"{cpath}.health_checks")
+            if proto.HasField("outlier_detection"):
+                from pyenvoy.upstream.outlier_detection import make_outlier_detector
+
+                cluster.outlier = make_outlier_detector(cluster, proto.outlier_detection, f"{cpath}.outlier_detection")
             self.clusters[proto.name] = cluster
             self.stats.cluster_added.inc()
         self.stats.active_clusters.set(len(self.clusters))

@@ -139,6 +139,11 @@ class _Multi:
     def __init__(self, checkers: list[HealthChecker]) -> None:
         self.checkers = checkers
 
+    def on_hosts_changed(self) -> None:
+        for c in self.checkers:
+            if c.tasks:
+                c.start()
+
     def start(self) -> None:
         for c in self.checkers:
             c.start()

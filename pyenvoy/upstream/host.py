@@ -69,6 +69,9 @@ class Host:
         "cluster",
         "http_pool",
         "metadata",
+        "locality",
+        "locality_weight",
+        "outlier",
     )
 
     def __init__(
@@ -88,6 +91,10 @@ class Host:
         self.cluster = cluster
         self.http_pool: Any = None  # created lazily by the cluster manager
         self.metadata: Any = None
+        self.locality: tuple[str, str, str] = ("", "", "")
+        self.locality_weight = 0
+        # Per-host outlier detection state (owned by the cluster's outlier detector).
+        self.outlier: Any = None
 
     @property
     def healthy(self) -> bool:
