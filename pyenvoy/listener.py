@@ -269,11 +269,13 @@ class ListenerManager:
                 )
             seen[key] = listener.name
 
-    async def start(self) -> None:
+    async def start(self, sockets: dict[tuple[str, int], socket.socket] | None = None) -> None:
+        """Bind (or adopt from ``sockets``, keyed by configured (host, port)) every listener."""
         started: list[Listener] = []
         try:
             for listener in self.listeners:
-                await listener.start()
+                sock = sockets.get((listener.host, listener.port)) if sockets else None
+                await listener.start(sock)
                 started.append(listener)
                 self.stats.listener_create_success.inc()
         except BaseException:

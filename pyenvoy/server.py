@@ -147,20 +147,30 @@ class Server:
         return out
 
     # --- lifecycle ------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(
+        self,
+        inherited_sockets: dict[tuple[str, int], Any] | None = None,
+        listen: bool = True,
+        admin: bool = True,
+    ) -> None:
+        """Resolve clusters, bind the admin endpoint and the listeners, go LIVE.
+
+        ``inherited_sockets`` maps (host, port) to an already-bound listening socket (hot
+        restart, worker processes); ``listen``/``admin`` False skip those parts (a process
+        that only runs workers' listeners, or only the admin)."""
         self.state = "INITIALIZING"
         self.server_stats.state.set(STATE_INITIALIZING)
         self._stopped = asyncio.Event()
         assert self.cluster_manager is not None and self.listener_manager is not None
         t0 = time.monotonic()
         await self.cluster_manager.initialize()
-        admin = self.bootstrap.admin
+        admin_cfg = self.bootstrap.admin
         try:
-            if admin.HasField("address"):
+            if admin and admin_cfg.HasField("address"):
                 from pyenvoy.admin.server import AdminServer
 
-                sa = admin.address.socket_address
-                self.admin = AdminServer(self, (sa.address, sa.port_value), admin.access_log_path or None)
+                sa = admin_cfg.address.socket_address
+                self.admin = AdminServer(self, (sa.address, sa.port_value), admin_cfg.access_log_path or None)
                 try:
                     self.admin_address = await self.admin.start()
                 except OSError as e:
@@ -173,7 +183,8 @@ class Server:
                 if path:
                     with open(path, "w") as f:
                         f.write(f"{self.admin_address[0]}:{self.admin_address[1]}\n")
-            await self.listener_manager.start()
+            if listen:
+                await self.listener_manager.start(inherited_sockets)
         except BaseException:
             await self._close()
             raise
