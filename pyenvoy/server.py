@@ -115,6 +115,9 @@ class Server:
         self.admin_address: tuple[str, int] | None = None
         self._stopped: asyncio.Event | None = None
         self._shutting_down = False
+        # Extra work before stats are read (admin, embedding): e.g. pulling worker processes'
+        # stats into this store. Each is a no-argument callable.
+        self.stats_refreshers: list[Any] = []
         self.build()
 
     # --- config -----------------------------------------------------------------------
@@ -195,6 +198,8 @@ class Server:
         log.info("all listeners started; pyenvoy %s is LIVE", self.version)
 
     def refresh_server_stats(self) -> None:
+        for refresh in self.stats_refreshers:
+            refresh()
         s = self.server_stats
         s.uptime.set(int(time.monotonic() - self._start_monotonic))
         lm = self.listener_manager
