@@ -73,24 +73,71 @@ class Gauge:
 
 
 class Histogram:
-    """Cumulative histogram over Envoy's default buckets (values in the stat's unit)."""
+    """Cumulative histogram over Envoy's default buckets (values in the stat's unit).
 
-    __slots__ = ("name", "unit", "bounds", "counts", "sum", "count", "used")
+    ``record`` only appends to a pending list (the hot path); values are sorted into
+    buckets when the histogram is read (``counts``, ``sum``, ``count``) or when the pending
+    list grows past a bound, so recording costs one list append."""
+
+    __slots__ = ("name", "unit", "bounds", "_counts", "_sum", "_count", "_used", "_pending", "record")
+
+    _FLUSH_AT = 4096
 
     def __init__(self, name: str, unit: str = "ms", bounds: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
         self.name = name
         self.unit = unit
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # last slot: above the largest bound
-        self.sum = 0.0
-        self.count = 0
-        self.used = False
+        self._counts = [0] * (len(bounds) + 1)  # last slot: above the largest bound
+        self._sum = 0.0
+        self._count = 0
+        self._used = False
+        self._pending: list[float] = []
+        self.record = self._record  # bound once: ``h.record(v)`` is one call
 
-    def record(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-        self.used = True
+    def _record(self, value: float) -> None:
+        p = self._pending
+        p.append(value)
+        if len(p) >= self._FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        p = self._pending
+        if not p:
+            return
+        self._pending = []
+        counts = self._counts
+        bounds = self.bounds
+        left = bisect.bisect_left
+        for v in p:
+            counts[left(bounds, v)] += 1
+        self._sum += sum(p)
+        self._count += len(p)
+        self._used = True
+
+    @property
+    def used(self) -> bool:
+        self._flush()
+        return self._used
+
+    @used.setter
+    def used(self, value: bool) -> None:
+        self._flush()
+        self._used = value
+
+    @property
+    def counts(self) -> list[int]:
+        self._flush()
+        return self._counts
+
+    @property
+    def sum(self) -> float:
+        self._flush()
+        return self._sum
+
+    @property
+    def count(self) -> int:
+        self._flush()
+        return self._count
 
     def cumulative(self) -> list[int]:
         """Cumulative counts per bound (Prometheus ``le`` buckets, without +Inf)."""
@@ -105,10 +152,10 @@ class Histogram:
         """Approximate quantile by linear interpolation inside the bucket that holds it."""
         if self.count == 0:
             return None
-        target = q * self.count
+        target = q * self._count
         running = 0
         lower = 0.0
-        for i, c in enumerate(self.counts):
+        for i, c in enumerate(self._counts):
             upper = self.bounds[i] if i < len(self.bounds) else self.bounds[-1] * 2
             if c and running + c >= target:
                 frac = (target - running) / c
@@ -118,9 +165,10 @@ class Histogram:
         return lower
 
     def reset(self) -> None:
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
+        self._pending = []
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._sum = 0.0
+        self._count = 0
 
 
 class Scope:

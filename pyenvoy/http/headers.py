@@ -97,7 +97,7 @@ class RequestHeaders(HeaderMap):
         scheme: bytes = b"http",
         headers: list[list[bytes]] | None = None,
     ) -> None:
-        super().__init__(headers)
+        self.headers = headers if headers is not None else []
         self.method = method
         self.path = path
         self.authority = authority
@@ -133,7 +133,7 @@ class ResponseHeaders(HeaderMap):
     __slots__ = ("status",)
 
     def __init__(self, status: int = 200, headers: list[list[bytes]] | None = None) -> None:
-        super().__init__(headers)
+        self.headers = headers if headers is not None else []
         self.status = status
 
     def get(self, name: bytes) -> bytes | None:

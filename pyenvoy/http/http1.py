@@ -981,14 +981,11 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-def _join_fields(out: list[bytes], headers: list[list[bytes]]) -> bytes:
-    for name, value in headers:
-        out.append(name)
-        out.append(b": ")
-        out.append(value)
-        out.append(b"\r\n")
-    out.append(b"\r\n")
-    data = b"".join(out)
+def _join_fields(first: bytes, headers: list[list[bytes]]) -> bytes:
+    if headers:
+        data = b"%s%s\r\n\r\n" % (first, b"\r\n".join([b": ".join(h) for h in headers]))
+    else:
+        data = first + b"\r\n"
     # One C pass guards against CR/LF smuggled into a name or value (response splitting).
     n = len(headers) + 2
     if data.count(b"\n") != n or data.count(b"\r") != n:
@@ -998,7 +995,7 @@ def _join_fields(out: list[bytes], headers: list[list[bytes]]) -> bytes:
 
 def encode_request_head(method: bytes, target: bytes, headers: list[list[bytes]]) -> bytes:
     """``METHOD target HTTP/1.1`` + header lines + blank line (headers must include host)."""
-    return _join_fields([method, b" ", target, b" HTTP/1.1\r\n"], headers)
+    return _join_fields(b"%s %s HTTP/1.1\r\n" % (method, target), headers)
 
 
 def encode_response_head(status: int, headers: list[list[bytes]], version: int = 11) -> bytes:
@@ -1009,7 +1006,7 @@ def encode_response_head(status: int, headers: list[list[bytes]], version: int =
             line = b"HTTP/1.1 %d Unknown\r\n" % status
     else:
         line = b"HTTP/1.0 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-    return _join_fields([line], headers)
+    return _join_fields(line, headers)
 
 
 def encode_chunk(data: bytes) -> bytes:

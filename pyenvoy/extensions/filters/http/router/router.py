@@ -58,7 +58,7 @@ class RouterStats(StatsStruct):
 
 
 class RouterConfig:
-    __slots__ = ("cluster_manager", "stats", "suppress_envoy_headers")
+    __slots__ = ("cluster_manager", "stats", "suppress_envoy_headers", "timeout_queues")
 
     def __init__(self, proto: router_pb2.Router | None, ctx: registry.FactoryContext) -> None:
         self.cluster_manager = ctx.cluster_manager
@@ -66,6 +66,8 @@ class RouterConfig:
         scope = hcm.router_stats_scope if hcm is not None else ctx.stats
         self.stats = RouterStats(scope)  # type: ignore[arg-type]
         self.suppress_envoy_headers = False
+        # Route timeout queues by duration (a config is served by one event loop).
+        self.timeout_queues: dict[float, Any] = {}
         if proto is not None:
             self.suppress_envoy_headers = proto.suppress_envoy_headers
             for f in ("upstream_http_filters",):
@@ -207,7 +209,10 @@ class Router(hf.StreamDecoderFilter):
             self._start_timer()
         cb.add_downstream_watermark_callbacks(self)
         self.start = time.monotonic()
-        pool = self.pool = self.config.cluster_manager.http_conn_pool(host)
+        pool = host.http_pool
+        if pool is None:
+            pool = self.config.cluster_manager.http_conn_pool(host)
+        self.pool = pool
         info.stats.upstream_rq_total.value += 1
         info.stats.upstream_rq_active.value += 1
         host.stats.rq_total.value += 1
@@ -246,8 +251,14 @@ class Router(hf.StreamDecoderFilter):
 
     def _start_timer(self) -> None:
         route = self.route
-        if self.timer is None and route is not None and route.timeout > 0:
-            self.timer = queue_for(route.timeout).add(self._on_timeout)
+        if self.timer is None and route is not None:
+            timeout = route.timeout
+            if timeout > 0:
+                queues = self.config.timeout_queues
+                q = queues.get(timeout)
+                if q is None:
+                    q = queues[timeout] = queue_for(timeout)
+                self.timer = q.add(self._on_timeout)
 
     # --- pool callbacks ----------------------------------------------------------------------
     def on_pool_ready(self, client: ActiveClient) -> None:
@@ -289,7 +300,7 @@ class Router(hf.StreamDecoderFilter):
         si.first_upstream_rx_monotonic = now
         rh = ResponseHeaders(status, headers)
         if not self.config.suppress_envoy_headers:
-            rh.headers.append([b"x-envoy-upstream-service-time", str(int((now - self.start) * 1000)).encode()])
+            rh.headers.append([b"x-envoy-upstream-service-time", b"%d" % ((now - self.start) * 1000)])
         self.route.finalize_response_headers(rh, si, self.headers)
         if end_stream:
             self._complete(status)

@@ -21,7 +21,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.fields import reject_unsupported, seconds
 from pyenvoy.extensions import registry
-from pyenvoy.http.conn_manager import ConnectionManager
+from pyenvoy.http.conn_manager import ConnectionManager, http_date
 from pyenvoy.network.utility import is_loopback, local_address
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.stream_info import format_address
@@ -400,19 +400,31 @@ class HcmConfig:
         return any(a in n for n in nets)
 
     def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> None:
-        from pyenvoy.http.conn_manager import http_date
-
+        """date (when absent), server (per server_header_transformation), request id, via."""
         hl = headers.headers
+        has_date = False
+        server_entry = None
+        servers = 0
         for h in hl:
-            if h[0] == b"date":
-                break
-        else:
+            n = h[0]
+            if n == b"date":
+                has_date = True
+            elif n == b"server":
+                servers += 1
+                if server_entry is None:
+                    server_entry = h
+        if not has_date:
             hl.append([b"date", http_date()])
         t = self.server_header_transformation
-        if t == 0:  # OVERWRITE
-            headers.set(b"server", self.server_name)
-        elif t == 1:  # APPEND_IF_ABSENT
-            headers.set_default(b"server", self.server_name)
+        if t == 0:  # OVERWRITE, in place as Envoy does
+            if server_entry is None:
+                hl.append([b"server", self.server_name])
+            elif servers == 1:
+                server_entry[1] = self.server_name
+            else:
+                headers.set(b"server", self.server_name)
+        elif t == 1 and server_entry is None:  # APPEND_IF_ABSENT
+            hl.append([b"server", self.server_name])
         if self.always_set_request_id_in_response:
             rid = stream.stream_info.request_id
             if rid:
