@@ -363,7 +363,7 @@ class _Parser:
         if not self.paused:
             return
         self.paused = False
-        if not self._running and self._error is None:
+        if not self._running and self._error is None and (self._buf or self._eof or self._state == _DONE):
             self._run()
 
     def feed_eof(self) -> None:

@@ -427,9 +427,8 @@ class Router(hf.StreamDecoderFilter):
         if client is not None:
             self.client = None
             client.reset()
-        cb = self.callbacks
-        if cb is not None:
-            cb.remove_downstream_watermark_callbacks(self)
+        # Still registered for downstream watermarks: harmless, both handlers do nothing once
+        # ``client`` is None, and the stream drops its callback list when it finishes.
 
     def on_destroy(self) -> None:
         if not self.done:
