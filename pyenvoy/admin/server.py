@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 import h11
 
 from pyenvoy.admin.handlers import AdminHandlers, Request, Response
+from pyenvoy.extensions.filters.network.http_connection_manager.config import ListenerHttpStats
 from pyenvoy.stats import StatsStruct
 from pyenvoy.stats_render import StatsRender, TagProducer
 
@@ -281,19 +282,6 @@ class _AdminConnection(asyncio.Protocol):
             if ls is not None:
                 ls.downstream_rq_completed.inc()
                 getattr(ls, f"downstream_rq_{min(max(resp.status // 100, 1), 5)}xx").inc()
-
-
-class ListenerHttpStats(StatsStruct):
-    """``listener.admin.http.admin.*``."""
-
-    COUNTERS = (
-        "downstream_rq_1xx",
-        "downstream_rq_2xx",
-        "downstream_rq_3xx",
-        "downstream_rq_4xx",
-        "downstream_rq_5xx",
-        "downstream_rq_completed",
-    )
 
 
 class AdminServer:
