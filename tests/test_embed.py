@@ -141,3 +141,24 @@ async def test_port_in_use_is_a_config_error(upstream: HttpUpstream) -> None:
     addr["port_value"] = upstream.port  # already bound by the upstream
     with pytest.raises(ConfigError, match="cannot bind"):
         await pyenvoy.Proxy(cfg).start()
+
+
+async def test_ipv6_listener_and_several_listeners(upstream: HttpUpstream) -> None:
+    cfg = config(upstream.port)
+    listeners = cfg["static_resources"]["listeners"]
+    v6 = {
+        **listeners[0],
+        "name": "front6",
+        "address": {"socket_address": {"address": "::1", "port_value": 0}},
+    }
+    listeners.append(v6)
+    async with pyenvoy.Proxy(cfg) as proxy:
+        assert set(proxy.ports) == {"front", "front6"}
+        async with httpx.AsyncClient() as client:
+            r4 = await client.get(f"http://127.0.0.1:{proxy.port('front')}/echo")
+            r6 = await client.get(f"http://[::1]:{proxy.port('front6')}/echo")
+        assert r4.status_code == r6.status_code == 200
+        # Like Envoy, the stat name comes from the configured address (port 0 here).
+        stats = proxy.stats()
+        assert stats["listener.[__1]_0.downstream_cx_total"] == 1
+        assert stats["listener.127.0.0.1_0.downstream_cx_total"] == 1
