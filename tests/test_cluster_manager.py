@@ -93,8 +93,8 @@ def test_static_cluster_rejects_hostnames() -> None:
 
 
 def test_unsupported_lb_policy_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="lb_policy MAGLEV is not supported"):
-        ClusterManager([cluster(lb="MAGLEV")], Store())
+    with pytest.raises(ConfigError, match="cluster provided LB specified but cluster 'c' did not provide one"):
+        ClusterManager([cluster(lb="CLUSTER_PROVIDED")], Store())
 
 
 def test_duplicate_cluster_names() -> None:

@@ -985,7 +985,7 @@ class Route:
         self.append_x_forwarded_host = False
         self.cluster_not_found_response_code = 503
         self.retry_policy: Any = None
-        self.hash_policy: tuple[Any, ...] = ()
+        self.hash_policy: Any = ()  # compiled HashPolicy when the route has one
         self.request_mirror_policies: tuple[Any, ...] = ()
         self.upgrade_configs: dict[str, bool] = {}
         self.priority = 0
@@ -1667,7 +1667,10 @@ def _build_action(
         route.idle_timeout = _duration_seconds(msg.idle_timeout)
     if msg.HasField("retry_policy"):
         route.retry_policy = msg.retry_policy
-    route.hash_policy = tuple(msg.hash_policy)
+    if len(msg.hash_policy):
+        from pyenvoy.upstream.hash_policy import compile_hash_policy
+
+        route.hash_policy = compile_hash_policy(msg.hash_policy, _join(path, "hash_policy"))
     route.request_mirror_policies = _mirror_policies(
         msg.request_mirror_policies, _join(path, "request_mirror_policies"), validate_clusters
     )
