@@ -21,6 +21,8 @@ FAILED_EDS_HEALTH = 1 << 2
 DEGRADED_ACTIVE_HC = 1 << 3
 PENDING_DYNAMIC_REMOVAL = 1 << 4
 PENDING_ACTIVE_HC = 1 << 5
+EXCLUDED_VIA_IMMEDIATE_HC_FAIL = 1 << 6
+ACTIVE_HC_TIMEOUT = 1 << 7
 
 _FLAG_TEXT = (
     (FAILED_ACTIVE_HC, "/failed_active_hc"),
@@ -29,6 +31,8 @@ _FLAG_TEXT = (
     (DEGRADED_ACTIVE_HC, "/degraded_active_hc"),
     (PENDING_DYNAMIC_REMOVAL, "/pending_dynamic_removal"),
     (PENDING_ACTIVE_HC, "/pending_active_hc"),
+    (EXCLUDED_VIA_IMMEDIATE_HC_FAIL, "/excluded_via_immediate_hc_fail"),
+    (ACTIVE_HC_TIMEOUT, "/active_hc_timeout"),
 )
 
 
