@@ -1,0 +1,238 @@
+"""``--concurrency N``: N worker processes behind one admin endpoint that sums their stats.
+
+Strategy: real ``python -m pyenvoy`` processes on free loopback ports (the process and load
+helpers come from tests/test_hot_restart.py). Requests go on
+new connections so that SO_REUSEPORT spreads them over both workers; the admin endpoint of
+the main process must report the sum, per-worker listener stats and server.concurrency.
+Worker pids come from /proc (children of the main process). Everything is killed in
+``finally`` and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import os
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import free_port, prometheus_samples, read_stats
+from tests.support.upstream import HttpUpstream
+from tests.test_hot_restart import CONFIG, PyEnvoy, hot_restart_under_load, wait_stat
+
+_base_ids = itertools.count((os.getpid() % 4000) * 10 + 60000)
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != b"Z":
+            out.add(int(entry))
+    return out
+
+
+def wait_children(
+    pid: int, n: int, timeout: float = 15.0, exclude: set[int] = frozenset()
+) -> set[int]:  # type: ignore[assignment]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = children(pid) - exclude
+        if len(kids) == n:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} has children {children(pid)}, wanted {n}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
+
+
+def get_close(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/echo", headers={"Connection": "close"})
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+@pytest.fixture()
+def upstream() -> Iterator[HttpUpstream]:
+    up = HttpUpstream()
+    up.start()
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture()
+def setup(upstream: HttpUpstream, tmp_path: Path) -> dict[str, Any]:
+    ports = {
+        "admin_port": free_port(),
+        "listener_port": free_port(),
+        "upstream_port": upstream.port,
+    }
+    config = tmp_path / "envoy.yaml"
+    config.write_text(CONFIG.format(**ports))
+    return {"config": config, "base_id": str(next(_base_ids)), **ports}
+
+
+def test_two_workers_serve_and_admin_sums_them(
+    setup: dict[str, Any], upstream: HttpUpstream
+) -> None:
+    admin, port = setup["admin_port"], setup["listener_port"]
+    p = PyEnvoy(setup["config"], "--concurrency", "2", "--base-id", setup["base_id"])
+    try:
+        wait_stat(admin, "listener_manager.workers_started", 1, p)
+        workers = wait_children(p.proc.pid, 2)
+        n = 40
+        for _ in range(n):
+            assert get_close(port) == 200
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        addr = f"127.0.0.1_{port}"
+        assert stats["http.ingress.downstream_rq_total"] == n == upstream.request_count
+        assert stats["http.ingress.downstream_rq_2xx"] == n
+        assert stats[f"listener.{addr}.downstream_cx_total"] == n
+        per_worker = [stats[f"listener.{addr}.worker_{i}.downstream_cx_total"] for i in (0, 1)]
+        assert sum(per_worker) == n and min(per_worker) > 0, per_worker  # SO_REUSEPORT spreads them
+        assert stats["server.concurrency"] == 2
+        assert stats["cluster.backend.membership_total"] == 1  # same in each worker: not summed
+        assert stats["http.admin.downstream_rq_total"] >= 1  # the main process's own
+        assert stats["http.ingress.downstream_rq_time"] != "No recorded values"  # merged buckets
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
+            prom = prometheus_samples(r.read().decode())
+        assert prom['envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="ingress"}'] == n
+        # SIGTERM to the main process alone stops the workers too.
+        os.kill(p.proc.pid, signal.SIGTERM)
+        assert p.wait(15) == 0, p.output()
+        deadline = time.monotonic() + 5
+        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(w) for w in workers)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        p.kill()
+
+
+def test_dead_worker_is_restarted(setup: dict[str, Any]) -> None:
+    admin, port = setup["admin_port"], setup["listener_port"]
+    p = PyEnvoy(setup["config"], "--concurrency", "2", "--base-id", setup["base_id"])
+    try:
+        wait_stat(admin, "listener_manager.workers_started", 1, p)
+        workers = wait_children(p.proc.pid, 2)
+        for _ in range(20):
+            assert get_close(port) == 200
+        before = read_stats(f"http://127.0.0.1:{admin}")["http.ingress.downstream_rq_total"]
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        # Requests keep working while the worker is replaced (its socket's queue waits).
+        for _ in range(10):
+            assert get_close(port) == 200
+        replacement = wait_children(p.proc.pid, 1, exclude=workers)
+        assert len(replacement) == 1 and victim not in replacement
+        for _ in range(20):
+            assert get_close(port) == 200
+        after = read_stats(f"http://127.0.0.1:{admin}")["http.ingress.downstream_rq_total"]
+        assert after == before + 30  # the dead worker's counts are kept
+        assert "exited with status -9; restarting it" in p.output()
+    finally:
+        p.kill()
+
+
+def test_hot_restart_with_workers_fails_no_request(
+    setup: dict[str, Any], upstream: HttpUpstream
+) -> None:
+    load, stats = hot_restart_under_load(setup, upstream, "--concurrency", "2")
+    assert load.failures == []
+    assert load.ok > 100
+    assert stats["http.ingress.downstream_rq_total"] == load.ok + 1 == upstream.request_count
+    assert stats["server.hot_restart_generation"] == 2
+
+
+def test_bind_listen_sockets_follows_enable_reuse_port() -> None:
+    from pyenvoy.config.loader import load_bootstrap
+    from pyenvoy.server import Server
+    from pyenvoy.workers import bind_listen_sockets
+
+    port = free_port()
+    text = CONFIG.format(admin_port=0, listener_port=port, upstream_port=1)
+    server = Server(load_bootstrap(None, text))
+    assert server.listener_manager is not None
+    listeners = server.listener_manager.listeners
+    socks = bind_listen_sockets(listeners, 3)[("127.0.0.1", port)]
+    try:
+        assert len(socks) == 3 and len({s.fileno() for s in socks}) == 3
+        assert {s.getsockname()[1] for s in socks} == {port}
+        assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+    shared_text = text.replace("  - name: http\n", "  - name: http\n    enable_reuse_port: false\n")
+    server = Server(load_bootstrap(None, shared_text))
+    assert server.listener_manager is not None
+    socks = bind_listen_sockets(server.listener_manager.listeners, 3)[("127.0.0.1", port)]
+    try:
+        assert len(socks) == 1  # one socket all workers accept from
+    finally:
+        for s in socks:
+            s.close()
+
+
+def post(admin_port: int, path: str) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{admin_port}{path}", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return int(r.status)
+
+
+def test_admin_changes_reach_the_workers(setup: dict[str, Any]) -> None:
+    admin, port = setup["admin_port"], setup["listener_port"]
+    p = PyEnvoy(setup["config"], "--concurrency", "2", "--base-id", setup["base_id"])
+    try:
+        wait_stat(admin, "listener_manager.workers_started", 1, p)
+        for _ in range(10):
+            assert get_close(port) == 200
+        url = f"http://127.0.0.1:{admin}"
+        assert read_stats(url)["http.ingress.downstream_rq_total"] == 10
+        assert post(admin, "/reset_counters") == 200
+        assert read_stats(url)["http.ingress.downstream_rq_total"] == 0
+        for _ in range(3):
+            assert get_close(port) == 200
+        assert read_stats(url)["http.ingress.downstream_rq_total"] == 3
+        # /healthcheck/fail drains: keep-alive responses from every worker say close.
+        assert post(admin, "/healthcheck/fail") == 200
+        time.sleep(0.6)
+        for _ in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/echo")
+                r = conn.getresponse()
+                r.read()
+                assert r.status == 200 and r.getheader("connection") == "close"
+            finally:
+                conn.close()
+    finally:
+        p.kill()
