@@ -28,12 +28,13 @@ from pyenvoy.config.errors import ConfigError
 from pyenvoy.log import DEFAULT_LOG_FORMAT
 from pyenvoy.options import ENVOY_COMPAT_VERSION, HOT_RESTART_VERSION, MODES, ServerOptions
 
-__all__ = ["main", "parse_options", "build_parser", "version_string", "MAX_WORKERS"]
+__all__ = ["main", "parse_options", "build_parser", "version_string", "DEFAULT_CONCURRENCY"]
 
 log = logging.getLogger("pyenvoy.main")
 
-# Workers this version runs; --concurrency above it is accepted with a warning.
-MAX_WORKERS = 1
+# Envoy defaults --concurrency to the number of hardware threads. pyenvoy defaults to one
+# process: see "Processes: --concurrency and hot restart" in README.md for the measurements.
+DEFAULT_CONCURRENCY = 1
 
 
 class _Exit(Exception):
@@ -157,6 +158,12 @@ def build_parser(prog: str = "pyenvoy") -> argparse.ArgumentParser:
         help="Ignore unknown fields in dynamic configuration",
     )
     g.add_argument(
+        "--watch-config",
+        action="store_true",
+        help="Reload the static resources when the --config-path file changes "
+        "(pyenvoy; SIGHUP always reloads)",
+    )
+    g.add_argument(
         "--disable-extensions",
         default="",
         metavar="NAMES",
@@ -211,9 +218,10 @@ def build_parser(prog: str = "pyenvoy") -> argparse.ArgumentParser:
     g.add_argument(
         "--concurrency",
         type=_uint32,
-        default=1,
+        default=None,
         metavar="N",
-        help=f"# of worker processes to run (this version runs {MAX_WORKERS})",
+        help=f"# of worker processes to run (default: {DEFAULT_CONCURRENCY}; 1 = one process "
+        "serving everything, N > 1 = N worker processes plus a main process for admin)",
     )
     g.add_argument(
         "--cpuset-threads",
@@ -348,7 +356,7 @@ def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
         enable_fine_grain_logging=ns.enable_fine_grain_logging,
         log_stacktrace_single_entry=ns.log_stacktrace_single_entry,
         skip_deprecated_logs=ns.skip_deprecated_logs,
-        concurrency=ns.concurrency,
+        concurrency=_concurrency(ns.concurrency, ns.cpuset_threads),
         cpuset_threads=ns.cpuset_threads,
         drain_time_s=ns.drain_time_s,
         drain_strategy=ns.drain_strategy,
@@ -374,6 +382,7 @@ def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
         reject_unknown_dynamic_fields=ns.reject_unknown_dynamic_fields,
         ignore_unknown_dynamic_fields=ns.ignore_unknown_dynamic_fields,
         disable_extensions=ns.disable_extensions,
+        watch_config=ns.watch_config,
         enable_core_dump=ns.enable_core_dump,
         enable_mutex_tracing=ns.enable_mutex_tracing,
         argv=args,
@@ -384,6 +393,23 @@ def parse_options(argv: Sequence[str] | None = None) -> ServerOptions:
         raise _Info(HOT_RESTART_VERSION)
     opts.validate()
     return opts
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its cpuset), else all of them."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _concurrency(given: int | None, cpuset_threads: bool) -> int:
+    """``--concurrency``, else the cpuset size with ``--cpuset-threads``, else the default."""
+    if given is not None:
+        return given
+    return _cpus() if cpuset_threads else DEFAULT_CONCURRENCY
 
 
 class _Info(Exception):
@@ -522,11 +548,12 @@ def _main(argv: list[str] | None) -> int:
     except OSError as e:
         sys.stderr.write(f"error: cannot open log path '{opts.log_path}': {e.strerror}\n")
         return 1
-    if opts.concurrency > MAX_WORKERS:
+    cpus = _cpus()
+    if opts.concurrency > cpus:
         log.warning(
-            "--concurrency %d requested: this version of pyenvoy runs %d worker",
+            "--concurrency %d requested: more worker processes than the %d CPU(s) available",
             opts.concurrency,
-            MAX_WORKERS,
+            cpus,
         )
     assert opts.mode in MODES
     if opts.mode == "validate":

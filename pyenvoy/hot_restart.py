@@ -322,12 +322,7 @@ def _drain_http(conn: Any) -> None:
     for cm in getattr(conn, "read_filters", ()):
         if not (hasattr(cm, "closing") and hasattr(cm, "stream")):
             continue  # not the HTTP connection manager
-        stream = cm.stream
-        if stream is not None and getattr(stream, "response_started", False):
-            # Its headers are out without connection: close: mark it once they are done.
-            asyncio.get_running_loop().call_later(0.001, _drain_http, conn)
-            return
-        cm.closing = True
+        cm.drain_close()
 
 
 # --------------------------------------------------------------------------- parent

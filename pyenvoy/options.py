@@ -69,6 +69,8 @@ class ServerOptions:
     allow_unknown_static_fields: bool = False
     reject_unknown_dynamic_fields: bool = False
     ignore_unknown_dynamic_fields: bool = False
+    # Reload the static resources when the -c file changes (SIGHUP always reloads)
+    watch_config: bool = False
     # Accepted for compatibility; no effect in pyenvoy
     disable_extensions: str = ""
     enable_core_dump: bool = False

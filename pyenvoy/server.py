@@ -1,11 +1,18 @@
-"""The server: one config snapshot built from a Bootstrap, served on one event loop.
+"""The server: a config built from a Bootstrap, served on one event loop, changed live.
 
-Strategy: ``Server.build()`` compiles the whole bootstrap (clusters, listeners with their
-filter chains and route tables) into runtime objects without touching the network; any
-problem is a ConfigError with the field path, which is all ``--mode validate`` needs.
-``start()`` then resolves DNS clusters, binds listeners and the admin endpoint, and marks
-the server LIVE. ``shutdown()`` stops accepting, lets connections finish (bounded by the
-drain time) and stops the loop.
+Strategy: ``Server.build()`` compiles the bootstrap's static resources (clusters,
+listeners with their filter chains and route tables) into runtime objects without touching
+the network; any problem is a ConfigError with the field path, which is all ``--mode
+validate`` needs. ``start()`` then resolves DNS clusters, applies the filesystem CDS
+response (dynamic_resources.cds_config), binds the admin endpoint and the listeners,
+applies the filesystem LDS response, and marks the server LIVE. After that the config
+changes in place: xDS files are watched (pyenvoy.config.xds), SIGHUP or a changed ``-c``
+file (``--watch-config``) re-reads the static resources (pyenvoy.reload), and every change
+is built completely before anything is swapped, one change at a time (``config_lock``).
+
+``drain_listeners()`` is admin's /drain_listeners; ``shutdown()`` (SIGTERM,
+/quitquitquit) stops accepting, asks every connection to finish (``connection: close``,
+idle connections closed), waits up to ``--drain-time-s`` and stops the loop.
 """
 
 from __future__ import annotations
@@ -14,12 +21,16 @@ import asyncio
 import logging
 import os
 import resource
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy import __version__
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.fields import is_set, reject_unsupported
+from pyenvoy.config.rds import RouteConfigProviderManager
+from pyenvoy.config.xds import XdsManager, path_source
+from pyenvoy.drain import hard_drain_connection
 from pyenvoy.listener import ListenerManager
 from pyenvoy.stats import StatsStruct, Store
 from pyenvoy.upstream.cluster_manager import ClusterManager
@@ -35,7 +46,6 @@ ENVOY_COMPAT_VERSION = "1.40.0"
 
 # Bootstrap fields that would change behaviour and are not implemented yet.
 _UNSUPPORTED_BOOTSTRAP = (
-    "dynamic_resources",
     "hds_config",
     "stats_sinks",
     "tracing",
@@ -82,9 +92,22 @@ class ServerStats(StatsStruct):
     HISTOGRAMS = ("initialization_time_ms",)
 
 
+_UNSUPPORTED_DYNAMIC = ("ads_config", "lds_resources_locator", "cds_resources_locator")
+
+
 def _check_bootstrap(bootstrap: Bootstrap) -> None:
     if is_set(bootstrap, "dynamic_resources"):
-        raise ConfigError("dynamic_resources (xDS) is not supported by pyenvoy yet", "dynamic_resources")
+        dr = bootstrap.dynamic_resources
+        for name in _UNSUPPORTED_DYNAMIC:
+            if is_set(dr, name):
+                raise ConfigError(
+                    f"{name} is not supported by pyenvoy yet; only filesystem subscriptions "
+                    "(path_config_source) are",
+                    f"dynamic_resources.{name}",
+                )
+        for name in ("lds_config", "cds_config"):
+            if dr.HasField(name):
+                path_source(getattr(dr, name), f"dynamic_resources.{name}")
     reject_unsupported(bootstrap, _UNSUPPORTED_BOOTSTRAP, "")
     sr = bootstrap.static_resources
     if len(sr.secrets):
@@ -118,6 +141,14 @@ class Server:
         # Extra work before stats are read (admin, embedding): e.g. pulling worker processes'
         # stats into this store. Each is a no-argument callable.
         self.stats_refreshers: list[Any] = []
+        self.bootstrap_loaded_at = time.time()
+        # Filesystem xDS (LDS/CDS/RDS/EDS) and the shared RDS providers.
+        self.xds = XdsManager(self)
+        self.route_config_providers = RouteConfigProviderManager(self)
+        # One config change at a time (LDS, CDS, reload); created on the running loop.
+        self.config_lock: asyncio.Lock | None = None
+        self.reloader: Any = None
+        self._signals: list[int] = []
         self.build()
 
     # --- config -----------------------------------------------------------------------
@@ -126,14 +157,32 @@ class Server:
         bootstrap = self.bootstrap
         _check_bootstrap(bootstrap)
         sr = bootstrap.static_resources
-        self.cluster_manager = ClusterManager(sr.clusters, self.stats)
-        self.listener_manager = ListenerManager(sr.listeners, self.stats, self.cluster_manager, self)
+        self.cluster_manager = ClusterManager(sr.clusters, self.stats, xds=self.xds)
+        try:
+            self.listener_manager = ListenerManager(
+                sr.listeners, self.stats, self.cluster_manager, self
+            )
+            dr = bootstrap.dynamic_resources
+            if dr.HasField("cds_config"):
+                self.cluster_manager.subscribe_cds(dr.cds_config, self)
+            if dr.HasField("lds_config"):
+                self.listener_manager.subscribe_lds(dr.lds_config)
+        except BaseException:
+            self.cluster_manager.close()
+            if self.listener_manager is not None:
+                self.listener_manager.close()
+            self.route_config_providers.close()
+            raise
         self.server_stats.concurrency.set(max(1, getattr(self.options, "concurrency", 1) or 1))
         self.server_stats.hot_restart_epoch.set(getattr(self.options, "restart_epoch", 0) or 0)
         self.server_stats.state.set(STATE_PRE_INITIALIZING)
 
+    def dynamic_route_configs(self) -> list[tuple[str, Any, float]]:
+        """(version_info, RouteConfiguration, last_updated) of every RDS provider."""
+        return self.route_config_providers.dynamic_route_configs()
+
     def route_configs(self) -> list[Any]:
-        """Static route configurations (inline in HCMs) for /config_dump."""
+        """Static route configurations (inline in HCMs of active listeners) for /config_dump."""
         out: list[Any] = []
         lm = self.listener_manager
         if lm is None:
@@ -164,16 +213,21 @@ class Server:
         self.state = "INITIALIZING"
         self.server_stats.state.set(STATE_INITIALIZING)
         self._stopped = asyncio.Event()
+        self.config_lock = asyncio.Lock()
         assert self.cluster_manager is not None and self.listener_manager is not None
         t0 = time.monotonic()
         await self.cluster_manager.initialize()
+        # CDS before listeners, as Envoy's init order ("cm init: initializing cds").
+        await self.cluster_manager.start_cds()
         admin_cfg = self.bootstrap.admin
         try:
             if admin and admin_cfg.HasField("address"):
                 from pyenvoy.admin.server import AdminServer
 
                 sa = admin_cfg.address.socket_address
-                self.admin = AdminServer(self, (sa.address, sa.port_value), admin_cfg.access_log_path or None)
+                self.admin = AdminServer(
+                    self, (sa.address, sa.port_value), admin_cfg.access_log_path or None
+                )
                 try:
                     self.admin_address = await self.admin.start()
                 except OSError as e:
@@ -188,23 +242,68 @@ class Server:
                         f.write(f"{self.admin_address[0]}:{self.admin_address[1]}\n")
             if listen:
                 await self.listener_manager.start(inherited_sockets)
+                await self.listener_manager.start_lds()
         except BaseException:
             await self._close()
             raise
+        self.xds.start()
+        self._install_reload_triggers()
         self.server_stats.initialization_time_ms.record((time.monotonic() - t0) * 1000)
         self.state = "LIVE"
         self.server_stats.state.set(STATE_LIVE)
         self.server_stats.live.set(1)
         log.info("all listeners started; pyenvoy %s is LIVE", self.version)
 
+    # --- live config changes --------------------------------------------------------------
+    def _install_reload_triggers(self) -> None:
+        """SIGHUP (and ``--watch-config``) reload the ``-c``/``--config-yaml`` config. Only a
+        server started from the command line has one, so an embedded server leaves the
+        host application's signals alone."""
+        opts = self.options
+        if not (getattr(opts, "config_path", "") or getattr(opts, "config_yaml", "")):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            self._signals.append(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+        if getattr(opts, "watch_config", False) and getattr(opts, "config_path", ""):
+            self.xds.watcher.watch(opts.config_path, None, self.request_reload)
+
+    def request_reload(self) -> None:
+        """Reload the config from its files soon (SIGHUP, a changed ``-c`` file)."""
+        if self._shutting_down:
+            return
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self, bootstrap: Bootstrap | None = None) -> bool:
+        """Re-read (or take) a bootstrap and apply its static resources; False if rejected
+        (the running config then stays as it was)."""
+        from pyenvoy.reload import ConfigReloader
+
+        if self.reloader is None:
+            self.reloader = ConfigReloader(self)
+        return bool(await self.reloader.reload(bootstrap))
+
+    def drain_listeners(
+        self, graceful: bool = False, inbound_only: bool = False, skip_exit: bool = False
+    ) -> None:
+        """Admin /drain_listeners."""
+        lm = self.listener_manager
+        if lm is not None:
+            lm.drain_for_admin(graceful, inbound_only, skip_exit)
+
     def refresh_server_stats(self) -> None:
-        for refresh in self.stats_refreshers:
-            refresh()
+        """Bring the gauges read at scrape time up to date; ``stats_refreshers`` run last so
+        they may override them (e.g. sums over worker processes)."""
         s = self.server_stats
         s.uptime.set(int(time.monotonic() - self._start_monotonic))
         lm = self.listener_manager
         if lm is not None:
-            s.total_connections.set(sum(len(listener.connections) for listener in lm.listeners))
+            s.total_connections.set(
+                sum(len(listener.connections) for listener in lm.all_listeners())
+            )
         try:
             rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             s.memory_physical_size.set(rss_kb * 1024)
@@ -214,6 +313,8 @@ class Server:
             s.memory_heap_size.set(pages * os.sysconf("SC_PAGE_SIZE"))
         except (OSError, ValueError):
             pass
+        for refresh in self.stats_refreshers:
+            refresh()
 
     def shutdown(self) -> None:
         """Graceful stop (admin /quitquitquit, SIGTERM): schedule it on the loop."""
@@ -223,29 +324,41 @@ class Server:
         asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self, drain_time: float | None = None) -> None:
-        """Stop accepting, give open connections up to ``drain_time`` to finish, close."""
+        """Stop accepting, ask every connection to finish (``connection: close``; idle ones
+        close now), give them up to ``drain_time`` (default ``--drain-time-s``), close."""
         self._shutting_down = True
         self.state = "DRAINING"
         self.server_stats.state.set(STATE_DRAINING)
         self.server_stats.live.set(0)
+        self.xds.stop()
         lm = self.listener_manager
         if lm is not None:
             lm.stop_listening()
-            for listener in lm.listeners:
+            listeners = lm.all_listeners()
+            for listener in listeners:
+                if listener.drain is not None:
+                    listener.drain.cancel()
                 for conn in list(listener.connections):
-                    for f in conn.read_filters:
-                        drain = getattr(f, "drain", None)
-                        if drain is not None:
-                            drain()
+                    hard_drain_connection(conn)
             if drain_time is None:
-                drain_time = min(float(getattr(self.options, "drain_time_s", 600) or 0), 5.0)
+                drain_time = float(getattr(self.options, "drain_time_s", 600) or 0)
             deadline = time.monotonic() + drain_time
-            while time.monotonic() < deadline and any(listener.connections for listener in lm.listeners):
+            while time.monotonic() < deadline and any(
+                listener.connections for listener in listeners
+            ):
                 await asyncio.sleep(0.05)
             lm.close_connections()
         await self._close()
 
     async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        self._signals.clear()
+        self.xds.stop()
         if self.admin is not None:
             try:
                 await self.admin.stop()
@@ -255,7 +368,8 @@ class Server:
             self.cluster_manager.close()
         lm = self.listener_manager
         if lm is not None:
-            lm.stop_listening()
+            lm.close()
+        self.route_config_providers.close()
         from pyenvoy.access_log import flush_all
 
         flush_all()

@@ -72,6 +72,24 @@ class Gauge:
         return f"Gauge({self.name}={self.value})"
 
 
+class TextReadout:
+    """A text stat (Envoy's text readouts, e.g. ``cluster_manager.cds.version_text``)."""
+
+    __slots__ = ("name", "value", "used")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.value = ""
+        self.used = False
+
+    def set(self, value: str) -> None:
+        self.value = value
+        self.used = True
+
+    def __repr__(self) -> str:
+        return f"TextReadout({self.name}={self.value!r})"
+
+
 class Histogram:
     """Cumulative histogram over Envoy's default buckets (values in the stat's unit).
 
@@ -199,13 +217,20 @@ class Scope:
 class Store(Scope):
     """All stats of one server, by full name."""
 
-    __slots__ = ("counters", "gauges", "histograms")
+    __slots__ = ("counters", "gauges", "histograms", "text_readouts")
 
     def __init__(self) -> None:
         super().__init__(self, "")
         self.counters: dict[str, Counter] = {}
         self.gauges: dict[str, Gauge] = {}
         self.histograms: dict[str, Histogram] = {}
+        self.text_readouts: dict[str, TextReadout] = {}
+
+    def text_readout(self, name: str) -> TextReadout:
+        t = self.text_readouts.get(name)
+        if t is None:
+            t = self.text_readouts[name] = TextReadout(name)
+        return t
 
     def counter_from_name(self, name: str) -> Counter:
         c = self.counters.get(name)

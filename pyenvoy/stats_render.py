@@ -733,6 +733,10 @@ class StatsRender:
             out.extend(c for c in store.counters.values() if params.show(c))
         if params.type in ("All", "Gauges"):
             out.extend(g for g in store.gauges.values() if params.show(g))
+        if params.type in ("All", "TextReadouts"):
+            texts = getattr(store, "text_readouts", None)
+            if texts:
+                out.extend(t for t in texts.values() if params.show(t))  # type: ignore[arg-type,misc]
         return out
 
     def _histograms(self, store: Store, params: StatsParams) -> list[Histogram]:
@@ -748,7 +752,9 @@ class StatsRender:
         params = params or StatsParams()
         numeric = self._numeric(store, params)
         numeric.sort(key=lambda s: s.name)
-        lines = [f"{s.name}: {s.value}\n" for s in numeric]
+        lines = [
+            f"{s.name}: {_jstr(s.value) if isinstance(s.value, str) else s.value}\n" for s in numeric
+        ]
         mode = params.histogram_buckets
         for h in self._histograms(store, params):
             if not h.used:
@@ -809,7 +815,10 @@ class StatsRender:
         params = params or StatsParams()
         numeric = self._numeric(store, params)
         numeric.sort(key=lambda s: s.name)
-        entries = [f'{{"name":{_jstr(s.name)},"value":{s.value}}}' for s in numeric]
+        entries = [
+            f'{{"name":{_jstr(s.name)},"value":{_jstr(s.value) if isinstance(s.value, str) else s.value}}}'
+            for s in numeric
+        ]
         hs = self._histograms(store, params)
         if hs:
             entries.append(self._json_histograms(hs, params.histogram_buckets))

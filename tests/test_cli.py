@@ -95,7 +95,10 @@ def test_validate_ok(name: str) -> None:
         ("yaml-syntax.yaml", "yaml error at line 5"),
         # Real Envoy loads these two; pyenvoy does not have gRPC xDS or Lua yet and says so
         # (naming the field) instead of serving without them.
-        ("05-dynamic-ads.yaml", "dynamic_resources: dynamic_resources (xDS) is not supported by pyenvoy yet"),
+        (
+            "05-dynamic-ads.yaml",
+            "dynamic_resources.lds_config.api_config_source: api_config_source (GRPC) xDS is not supported by pyenvoy yet",
+        ),
         ("06-lua-context-injection.yaml", "envoy.filters.http.lua is not supported by pyenvoy"),
     ],
 )

@@ -3,6 +3,9 @@
 Strategy: each dump (bootstrap, clusters, [endpoints], listeners, scoped routes, routes,
 secrets) is a real admin proto whose resources are packed into ``Any``; the result goes
 through ``proto_json`` so ``@type`` URLs, field names and field order match Envoy.
+It always shows what is serving: static resources, and what xDS (LDS/CDS/RDS/EDS files)
+added, with each subscription's last accepted ``version_info`` and ``last_updated``;
+listeners also show their warming, draining and error (rejected update) states.
 ``?resource=`` flattens one repeated field of the dumps, ``?mask=`` trims with a field
 mask, ``?name_regex=`` keeps resources whose name matches, ``?include_eds`` adds an
 EndpointsConfigDump built from the live hosts.
@@ -80,6 +83,9 @@ def _clusters(server: Any) -> list[Any]:
 
 def _clusters_dump(server: Any) -> Message:
     dump = _Clusters()
+    cm = getattr(server, "cluster_manager", None)
+    if getattr(cm, "cds", None) is not None:
+        dump.version_info = getattr(cm, "version_info", "") or ""
     for cluster in _clusters(server):
         info = cluster.info
         proto = getattr(info, "proto", None)
@@ -95,6 +101,15 @@ def _clusters_dump(server: Any) -> Message:
             static = dump.static_clusters.add()
             static.cluster.Pack(proto)
             static.last_updated.CopyFrom(updated)
+    warming = getattr(cm, "warming", None) or {}
+    for name in sorted(warming):
+        info = warming[name].info
+        if not getattr(info, "added_via_api", False):
+            continue
+        entry = dump.dynamic_warming_clusters.add()
+        entry.version_info = getattr(info, "version_info", "") or ""
+        entry.cluster.Pack(info.proto)
+        entry.last_updated.CopyFrom(timestamp(_updated(info, server.start_time)))
     return dump
 
 
@@ -159,29 +174,61 @@ def _load_assignment(cluster: Any) -> Message:
 def _endpoints_dump(server: Any) -> Message:
     dump = _Endpoints()
     for cluster in _clusters(server):
-        entry = dump.static_endpoint_configs.add()
-        entry.endpoint_config.Pack(_load_assignment(cluster))
+        if getattr(cluster.info, "added_via_api", False):  # CDS clusters, as Envoy
+            dyn = dump.dynamic_endpoint_configs.add()
+            dyn.endpoint_config.Pack(_load_assignment(cluster))
+        else:
+            entry = dump.static_endpoint_configs.add()
+            entry.endpoint_config.Pack(_load_assignment(cluster))
     return dump
+
+
+def _listener_state(state: Any, listener: Any, default_time: float) -> None:
+    state.version_info = getattr(listener, "version_info", "") or ""
+    state.listener.Pack(listener.proto)
+    state.last_updated.CopyFrom(timestamp(_updated(listener, default_time)))
 
 
 def _listeners_dump(server: Any) -> Message:
     dump = _Listeners()
     lm = getattr(server, "listener_manager", None)
-    for listener in getattr(lm, "listeners", []) if lm is not None else []:
+    if lm is None:
+        return dump
+    if getattr(lm, "lds", None) is not None:
+        dump.version_info = getattr(lm, "version_info", "") or ""
+    dynamic: dict[str, Any] = {}
+
+    def entry(name: str) -> Any:
+        d = dynamic.get(name)
+        if d is None:
+            d = dynamic[name] = config_dump_shared_pb2.ListenersConfigDump.DynamicListener(
+                name=name
+            )
+        return d
+
+    for listener in getattr(lm, "listeners", []):
         proto = getattr(listener, "proto", None)
         if proto is None:
             continue
-        updated = timestamp(_updated(listener, server.start_time))
         if getattr(listener, "added_via_api", False):
-            dyn = dump.dynamic_listeners.add()
-            dyn.name = listener.name
-            dyn.active_state.version_info = getattr(listener, "version_info", "") or ""
-            dyn.active_state.listener.Pack(proto)
-            dyn.active_state.last_updated.CopyFrom(updated)
+            _listener_state(entry(listener.name).active_state, listener, server.start_time)
         else:
             static = dump.static_listeners.add()
             static.listener.Pack(proto)
-            static.last_updated.CopyFrom(updated)
+            static.last_updated.CopyFrom(timestamp(_updated(listener, server.start_time)))
+    for listener in (getattr(lm, "warming", None) or {}).values():
+        if getattr(listener, "added_via_api", False):
+            _listener_state(entry(listener.name).warming_state, listener, server.start_time)
+    for listener in getattr(lm, "draining", None) or []:
+        if getattr(listener, "added_via_api", False):
+            _listener_state(entry(listener.name).draining_state, listener, server.start_time)
+    for name, (proto, when, details) in (getattr(lm, "error_states", None) or {}).items():
+        err = entry(name).error_state
+        err.failed_configuration.Pack(proto)
+        err.last_update_attempt.CopyFrom(timestamp(when))
+        err.details = details
+    for name in sorted(dynamic):
+        dump.dynamic_listeners.add().CopyFrom(dynamic[name])
     return dump
 
 
@@ -193,6 +240,12 @@ def _routes_dump(server: Any) -> Message:
         entry = dump.static_route_configs.add()
         entry.route_config.Pack(rc)
         entry.last_updated.CopyFrom(timestamp(_updated(rc, server.start_time)))
+    fn = getattr(server, "dynamic_route_configs", None)
+    for version_info, rc, updated in fn() if callable(fn) else []:
+        dyn = dump.dynamic_route_configs.add()
+        dyn.version_info = version_info
+        dyn.route_config.Pack(rc)
+        dyn.last_updated.CopyFrom(timestamp(updated))
     return dump
 
 

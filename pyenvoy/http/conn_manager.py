@@ -69,6 +69,7 @@ class ConnectionManager(nf.ReadFilter):
         "remote_closed",
         "requests",
         "start",
+        "drain_pending",
     )
 
     def __init__(self, config: HcmConfig) -> None:
@@ -84,6 +85,7 @@ class ConnectionManager(nf.ReadFilter):
         self.remote_closed = False
         self.requests = 0
         self.start = 0.0
+        self.drain_pending = False
 
     # --- network filter ---------------------------------------------------------------
     def initialize_read_filter_callbacks(self, connection: Connection) -> None:
@@ -244,6 +246,8 @@ class ConnectionManager(nf.ReadFilter):
         """Response fully written (or stream reset)."""
         if self.stream is stream:
             self.stream = None
+        if self.drain_pending:
+            self.apply_pending_drain()
         conn = self.connection
         if conn.closed or conn.local_close:
             return
@@ -339,10 +343,28 @@ class ConnectionManager(nf.ReadFilter):
         conn.close()
 
     def drain(self) -> None:
-        """Stop keep-alive: the current response carries Connection: close."""
+        """Stop keep-alive and close now if idle (shutdown)."""
         self.closing = True
         if self.stream is None:
             self.connection.close()
+
+    def apply_pending_drain(self) -> None:
+        """The response that was on the wire at drain time is done: close after the next."""
+        self.drain_pending = False
+        self.closing = True
+
+    def drain_close(self) -> bool:
+        """Drain gently: the next response carries ``connection: close``; an idle connection
+        is never closed under a request that may be on its way. False if already draining."""
+        if self.closing or self.drain_pending or self.connection.closed:
+            return False
+        stream = self.stream
+        if stream is not None and stream.response_started and not stream.response_complete:
+            self.drain_pending = True  # this response went out keep-alive: mark the next
+        else:
+            self.closing = True
+        self.stats.downstream_cx_drain_close.value += 1
+        return True
 
 
 _monotonic = time.monotonic

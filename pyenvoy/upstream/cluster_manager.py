@@ -4,8 +4,17 @@ Strategy: each Cluster proto is compiled once into a ClusterInfo (immutable sett
 bound stats) and a Cluster (the live host set). STATIC clusters know their hosts at build
 time; STRICT_DNS and LOGICAL_DNS resolve in ``initialize()`` (awaited before listeners
 open, as Envoy waits for its primary clusters) and then re-resolve every
-``dns_refresh_rate``. A host set change rebuilds the load balancer, so choosing a host is
-one list index on the hot path. Connection pools hang off each Host.
+``dns_refresh_rate``; EDS clusters read their ClusterLoadAssignment from a filesystem
+subscription. A host set change rebuilds the load balancer, so choosing a host is one list
+index on the hot path. Connection pools hang off each Host.
+
+Clusters change while the server runs (CDS, whole-config reload): a changed cluster is
+built anew and warmed (DNS resolved, first EDS answer) while the old one keeps serving,
+then swapped into ``clusters`` by name; Host objects of hosts that stay are carried over
+(health flags, host stats) and their pools are drained so new requests use the new
+settings; the old cluster is retired (timers, health checks, EDS stopped, pools drained so
+requests in flight finish). The router looks clusters up by name per request, so it sees
+the swap at once.
 """
 
 from __future__ import annotations
@@ -13,16 +22,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, NamedTuple
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from pyenvoy.config.errors import ConfigError
+from pyenvoy.config.xds import SubscriptionStats
 from pyenvoy.stats import Scope, StatsStruct
-from pyenvoy.upstream.host import Host
+from pyenvoy.upstream import host as host_module
+from pyenvoy.upstream.host import FAILED_EDS_HEALTH, Host
 from pyenvoy.upstream.load_balancer import LoadBalancer, LoadBalancerFactory
 
 if TYPE_CHECKING:
     from envoy.config.cluster.v3.cluster_pb2 import Cluster as ClusterProto
 
+    from pyenvoy.config.xds import DecodedResource, FilesystemSubscription, XdsManager
     from pyenvoy.stats import Store
 
 log = logging.getLogger("pyenvoy.upstream")
@@ -40,6 +53,11 @@ class ClusterStats(StatsStruct):
         "lb_healthy_panic",
         "lb_local_cluster_not_ok",
         "lb_recalculate_zone_structures",
+        "lb_subsets_created",
+        "lb_subsets_fallback",
+        "lb_subsets_fallback_panic",
+        "lb_subsets_removed",
+        "lb_subsets_selected",
         "lb_zone_cluster_too_small",
         "lb_zone_no_capacity_left",
         "lb_zone_number_differs",
@@ -170,6 +188,14 @@ def _duration(d: Any, default: float) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+# EDS health_status -> host health flag (Envoy: UNHEALTHY/TIMEOUT fail, DRAINING is
+# excluded, DEGRADED is degraded). Flags host.py does not define yet fall back.
+_EDS_DRAINING = getattr(host_module, "EDS_STATUS_DRAINING", FAILED_EDS_HEALTH)
+_EDS_DEGRADED = getattr(host_module, "DEGRADED_EDS_HEALTH", 0)
+_EDS_FLAGS = {2: FAILED_EDS_HEALTH, 3: _EDS_DRAINING, 4: _EDS_DEGRADED, 5: FAILED_EDS_HEALTH}
+EDS_HEALTH_MASK = FAILED_EDS_HEALTH | _EDS_DRAINING | _EDS_DEGRADED
+
+
 class EndpointConfig(NamedTuple):
     """One configured lb_endpoint (before DNS resolution)."""
 
@@ -180,12 +206,73 @@ class EndpointConfig(NamedTuple):
     locality: tuple[str, str, str]
     locality_weight: int
     hostname: str
+    health_status: int = 0
 
     def host(self, address: tuple[str, int], info: ClusterInfo, hostname: str) -> Host:
         h = Host(address, info, hostname=hostname, weight=self.weight, priority=self.priority)
         h.locality = self.locality
         h.locality_weight = self.locality_weight
+        if self.health_status:
+            h.health_flags |= _EDS_FLAGS.get(self.health_status, 0)
         return h
+
+
+def endpoints_from_assignment(la: Any, path: str, ip_only: bool) -> list[EndpointConfig]:
+    """The lb_endpoints of a ClusterLoadAssignment (``ip_only``: addresses must be IPs, as
+    for STATIC and EDS clusters). ConfigError names the field path."""
+    out: list[EndpointConfig] = []
+    for pi, locality in enumerate(la.endpoints):
+        for ei, lbe in enumerate(locality.lb_endpoints):
+            epath = f"{path}.endpoints[{pi}].lb_endpoints[{ei}]"
+            if not lbe.HasField("endpoint"):
+                raise ConfigError("only endpoint entries are supported", epath)
+            sa = lbe.endpoint.address.socket_address
+            if not lbe.endpoint.address.HasField("socket_address"):
+                raise ConfigError("endpoint address must be a socket_address", epath)
+            if sa.protocol != 0:
+                raise ConfigError("only TCP endpoints are supported", f"{epath}.endpoint")
+            if sa.WhichOneof("port_specifier") != "port_value":
+                raise ConfigError("named ports are not supported", f"{epath}.endpoint")
+            weight = lbe.load_balancing_weight.value if lbe.HasField("load_balancing_weight") else 1
+            if ip_only:
+                try:
+                    socket.inet_pton(
+                        socket.AF_INET6 if ":" in sa.address else socket.AF_INET, sa.address
+                    )
+                except OSError:
+                    raise ConfigError(
+                        f"malformed IP address: {sa.address}. Consider setting resolver_name or "
+                        "setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'",
+                        f"{epath}.endpoint.address",
+                    ) from None
+            loc = locality.locality
+            out.append(
+                EndpointConfig(
+                    sa.address,
+                    sa.port_value,
+                    weight,
+                    locality.priority,
+                    (loc.region, loc.zone, loc.sub_zone),
+                    locality.load_balancing_weight.value
+                    if locality.HasField("load_balancing_weight")
+                    else 0,
+                    lbe.endpoint.hostname,
+                    lbe.health_status,
+                )
+            )
+    return out
+
+
+class EdsStats(SubscriptionStats):
+    """``cluster.<name>.*`` stats of an EDS subscription."""
+
+    COUNTERS: ClassVar[tuple[str, ...]] = SubscriptionStats.COUNTERS + (
+        "assignment_stale",
+        "assignment_timeout_received",
+        "assignment_use_cached",
+        "update_empty",
+        "update_no_rebuild",
+    )
 
 
 class ClusterInfo:
@@ -197,6 +284,9 @@ class ClusterInfo:
         self.path = path
         self.observability_name = proto.alt_stat_name or proto.name
         self.added_via_api = False
+        self.version_info = ""
+        self.last_updated = time.time()
+        self.proto_hash = proto.SerializeToString(deterministic=True)
         self.connect_timeout = _duration(
             proto.connect_timeout if proto.HasField("connect_timeout") else None, 5.0
         )
@@ -256,9 +346,7 @@ class ClusterInfo:
                         "upstream HTTP/3 is not supported by pyenvoy",
                         f"{path}.typed_extension_protocol_options",
                     )
-            elif opts.HasField("use_downstream_protocol_config") or opts.HasField(
-                "auto_config"
-            ):
+            elif opts.HasField("use_downstream_protocol_config") or opts.HasField("auto_config"):
                 pass  # HTTP/1.1 upstream is what pyenvoy speaks today
         for k in proto.typed_extension_protocol_options:
             if k != key:
@@ -276,7 +364,7 @@ class ClusterInfo:
 class Cluster:
     """The live side of a cluster: hosts, healthy hosts and the load balancer."""
 
-    def __init__(self, info: ClusterInfo, path: str) -> None:
+    def __init__(self, info: ClusterInfo, path: str, xds: XdsManager | None = None) -> None:
         self.info = info
         proto = info.proto
         self.type = proto.DiscoveryType.Name(proto.type)
@@ -285,56 +373,27 @@ class Cluster:
                 f"cluster_type {proto.cluster_type.name} is not supported by pyenvoy",
                 f"{path}.cluster_type",
             )
-        if self.type not in ("STATIC", "STRICT_DNS", "LOGICAL_DNS"):
+        if self.type not in ("STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS"):
             raise ConfigError(
                 f"cluster type {self.type} is not supported by pyenvoy yet", f"{path}.type"
             )
         self.lb_factory = LoadBalancerFactory(proto, path)
+        self.lb_factory.bind_stats(info.stats.scope)
         self.dns_refresh_rate = _duration(
             proto.dns_refresh_rate if proto.HasField("dns_refresh_rate") else None, 5.0
         )
         self.dns_family = proto.DnsLookupFamily.Name(proto.dns_lookup_family)
         # (hostname, port, weight, priority) per configured endpoint
         self.endpoints: list[EndpointConfig] = []
-        la = proto.load_assignment
-        if la.cluster_name and la.cluster_name != proto.name and self.type != "STATIC":
-            pass  # Envoy ignores the name for static/DNS clusters
-        for pi, locality in enumerate(la.endpoints):
-            for ei, lbe in enumerate(locality.lb_endpoints):
-                epath = f"{path}.load_assignment.endpoints[{pi}].lb_endpoints[{ei}]"
-                if not lbe.HasField("endpoint"):
-                    raise ConfigError("only endpoint entries are supported", epath)
-                sa = lbe.endpoint.address.socket_address
-                if not lbe.endpoint.address.HasField("socket_address"):
-                    raise ConfigError("endpoint address must be a socket_address", epath)
-                if sa.protocol != 0:
-                    raise ConfigError("only TCP endpoints are supported", f"{epath}.endpoint")
-                if sa.WhichOneof("port_specifier") != "port_value":
-                    raise ConfigError("named ports are not supported", f"{epath}.endpoint")
-                weight = lbe.load_balancing_weight.value if lbe.HasField("load_balancing_weight") else 1
-                if self.type == "STATIC":
-                    try:
-                        socket.inet_pton(socket.AF_INET6 if ":" in sa.address else socket.AF_INET, sa.address)
-                    except OSError:
-                        raise ConfigError(
-                            f"malformed IP address: {sa.address}. Consider setting resolver_name or "
-                            "setting cluster type to 'STRICT_DNS' or 'LOGICAL_DNS'",
-                            f"{epath}.endpoint.address",
-                        ) from None
-                loc = locality.locality
-                self.endpoints.append(
-                    EndpointConfig(
-                        sa.address,
-                        sa.port_value,
-                        weight,
-                        locality.priority,
-                        (loc.region, loc.zone, loc.sub_zone),
-                        locality.load_balancing_weight.value
-                        if locality.HasField("load_balancing_weight")
-                        else 0,
-                        lbe.endpoint.hostname,
-                    )
-                )
+        self.eds: FilesystemSubscription | None = None
+        self.eds_service_name = ""
+        self.eds_assignment: Any = None
+        if self.type == "EDS":
+            self._setup_eds(proto, path, xds)
+        else:
+            self.endpoints = endpoints_from_assignment(
+                proto.load_assignment, f"{path}.load_assignment", self.type == "STATIC"
+            )
         if self.type == "LOGICAL_DNS" and len(self.endpoints) != 1:
             raise ConfigError(
                 "LOGICAL_DNS clusters must have a single locality_lb_endpoint and a single lb_endpoint",
@@ -349,10 +408,52 @@ class Cluster:
         self.health_checker: Any = None
         # Outlier detector (or None): the router reports every upstream result to it.
         self.outlier: Any = None
+        self.retired = False
+        self._hc_started = False
         if self.type == "STATIC":
-            self.set_hosts(
-                [e.host((e.address, e.port), info, e.hostname) for e in self.endpoints]
+            self.set_hosts([e.host((e.address, e.port), info, e.hostname) for e in self.endpoints])
+
+    def _setup_eds(self, proto: Any, path: str, xds: XdsManager | None) -> None:
+        from pyenvoy.config.xds import TYPE_CLA
+
+        ecc = proto.eds_cluster_config
+        epath = f"{path}.eds_cluster_config"
+        if not ecc.HasField("eds_config"):
+            raise ConfigError("EDS clusters need eds_cluster_config.eds_config", epath)
+        if xds is None:
+            raise ConfigError(
+                "EDS needs a pyenvoy Server (filesystem subscriptions)", f"{epath}.eds_config"
             )
+        self.eds_service_name = ecc.service_name or proto.name
+        stats = EdsStats(self.info.stats.scope)
+        self.eds = xds.subscribe(
+            ecc.eds_config, TYPE_CLA, self.on_eds_update, stats, f"{epath}.eds_config"
+        )
+
+    def on_eds_update(self, resources: list[DecodedResource], version_info: str) -> None:
+        """Apply a ClusterLoadAssignment (Envoy's checks and texts)."""
+        if self.retired:
+            return
+        sub = self.eds
+        if not resources:
+            if sub is not None:
+                sub.stats.update_empty.inc()  # type: ignore[attr-defined]
+            return
+        try:
+            if len(resources) != 1:
+                raise ConfigError(f"Unexpected EDS resource length: {len(resources)}")
+            cla = resources[0].message
+            if cla.cluster_name != self.eds_service_name:  # type: ignore[attr-defined]
+                raise ConfigError(
+                    f"Unexpected EDS cluster (expecting {self.eds_service_name}): {cla.cluster_name}"  # type: ignore[attr-defined]
+                )
+            endpoints = endpoints_from_assignment(cla, "resources[0]", True)
+        except ConfigError as e:
+            log.warning("eds: cluster '%s' config rejected: %s", self.info.name, e)
+            raise
+        self.eds_assignment = cla
+        self.endpoints = endpoints
+        self.set_hosts([e.host((e.address, e.port), self.info, e.hostname) for e in endpoints])
 
     # --- host set -------------------------------------------------------------------------
     def set_hosts(self, hosts: list[Host]) -> None:
@@ -362,7 +463,7 @@ class Cluster:
         for h in hosts:
             keep = old.pop((h.address, h.hostname), None)
             if keep is not None:
-                keep.weight = h.weight
+                _update_host(keep, h)
                 new.append(keep)
             else:
                 new.append(h)
@@ -392,13 +493,59 @@ class Cluster:
             self.info.stats.lb_healthy_panic.value += 1
         return self.lb.choose_host(context)
 
-    # --- DNS ----------------------------------------------------------------------------
-    async def initialize(self) -> None:
+    def adopt_hosts(self, old: Cluster) -> None:
+        """Carry over ``old``'s Host objects (health flags, stats) for hosts that stay; their
+        pools are drained so new requests get pools with this cluster's settings."""
+        by_key = {(h.address, h.hostname): h for h in old.hosts}
+        new: list[Host] = []
+        for h in self.hosts:
+            keep = by_key.pop((h.address, h.hostname), None)
+            if keep is None:
+                new.append(h)
+                continue
+            _update_host(keep, h)
+            keep.cluster = self.info
+            pool = keep.http_pool
+            if pool is not None:
+                pool.drain()
+                keep.http_pool = None
+            new.append(keep)
+        old.hosts = [h for h in old.hosts if (h.address, h.hostname) in by_key]
+        self.hosts = new
+        self.refresh_health()
+
+    # --- DNS / EDS ----------------------------------------------------------------------
+    async def initialize(self, start_health_checks: bool = True) -> None:
+        """Warm the cluster: resolve DNS or read the first EDS answer; then start health
+        checks and wait for every host's first check, as Envoy's cluster init does."""
         if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
             await self._resolve()
             self._schedule_refresh()
-        if self.health_checker is not None:
+        elif self.eds is not None and not self.eds.initialized:
+            self.eds.start()
+        if self.outlier is not None and not self.retired:
+            self.outlier.start()
+        if start_health_checks:
+            self.start_health_checks()
+            await self.health_checks_initialized()
+
+    def start_health_checks(self) -> None:
+        if self.health_checker is not None and not self.retired and not self._hc_started:
+            self._hc_started = True
             self.health_checker.start()
+
+    async def health_checks_initialized(self, timeout: float = 60.0) -> None:
+        wait = getattr(self.health_checker, "wait_initialized", None)
+        if wait is None or not self._hc_started:
+            return
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            log.warning(
+                "cluster %s: initial health checks did not complete in %.0fs",
+                self.info.name,
+                timeout,
+            )
 
     def _schedule_refresh(self) -> None:
         loop = asyncio.get_running_loop()
@@ -459,16 +606,42 @@ class Cluster:
             raise OSError(f"no addresses for {name}")
         return seen
 
-    def close(self) -> None:
+    def _stop_updates(self) -> None:
+        self.retired = True
         if self._refresh_handle is not None:
             self._refresh_handle.cancel()
+            self._refresh_handle = None
         if self._resolving is not None:
             self._resolving.cancel()
+            self._resolving = None
         if self.health_checker is not None:
             self.health_checker.stop()
+        if self.outlier is not None:
+            self.outlier.stop()
+        if self.eds is not None:
+            self.eds.stop()
+
+    def retire(self) -> None:
+        """Removed or replaced: stop DNS/EDS/health checks; requests in flight finish."""
+        self._stop_updates()
+        for h in self.hosts:
+            if h.http_pool is not None:
+                h.http_pool.drain()
+
+    def close(self) -> None:
+        self._stop_updates()
         for h in self.hosts:
             if h.http_pool is not None:
                 h.http_pool.close()
+
+
+def _update_host(keep: Host, h: Host) -> None:
+    """Copy what a new config says about a host onto the Host object that stays."""
+    keep.weight = h.weight
+    keep.priority = h.priority
+    keep.locality = h.locality
+    keep.locality_weight = h.locality_weight
+    keep.health_flags = (keep.health_flags & ~EDS_HEALTH_MASK) | (h.health_flags & EDS_HEALTH_MASK)
 
 
 class ClusterManagerStats(StatsStruct):
@@ -485,34 +658,71 @@ class ClusterManagerStats(StatsStruct):
 
 
 class ClusterManager:
-    """All clusters of one config snapshot, by name."""
+    """All clusters of the server, by name (static, and added via CDS)."""
 
-    def __init__(self, cluster_protos: Any, stats: Store, path: str = "static_resources.clusters") -> None:
+    def __init__(
+        self,
+        cluster_protos: Any,
+        stats: Store,
+        path: str = "static_resources.clusters",
+        *,
+        xds: XdsManager | None = None,
+    ) -> None:
         self.stats_store = stats
+        self.xds = xds
         self.stats = ClusterManagerStats(stats.scope("cluster_manager"))
         self.clusters: dict[str, Cluster] = {}
-        for i, proto in enumerate(cluster_protos):
-            cpath = f"{path}[{i}]"
-            if proto.name in self.clusters:
-                raise ConfigError(f"cluster manager: duplicate cluster '{proto.name}'", cpath)
-            info = ClusterInfo(proto, stats, cpath)
-            cluster = Cluster(info, cpath)
+        self.warming: dict[str, Cluster] = {}
+        # While a reload builds listeners: the cluster names the new config will have.
+        self.staged_names: set[str] | None = None
+        self.cds: FilesystemSubscription | None = None
+        self.version_info = ""
+        try:
+            for i, proto in enumerate(cluster_protos):
+                cpath = f"{path}[{i}]"
+                if proto.name in self.clusters:
+                    raise ConfigError(f"cluster manager: duplicate cluster '{proto.name}'", cpath)
+                self.clusters[proto.name] = self.build_cluster(proto, cpath)
+                self.stats.cluster_added.inc()
+        except BaseException:
+            for c in self.clusters.values():
+                c.close()
+            raise
+        self.stats.active_clusters.set(len(self.clusters))
+
+    def build_cluster(
+        self, proto: Any, path: str, *, added_via_api: bool = False, version_info: str = ""
+    ) -> Cluster:
+        """Compile one cluster (not initialized, not in ``clusters``); ConfigError if bad."""
+        info = ClusterInfo(proto, self.stats_store, path)
+        info.added_via_api = added_via_api
+        info.version_info = version_info
+        cluster = Cluster(info, path, self.xds)
+        try:
             if len(proto.health_checks):
                 from pyenvoy.upstream.health_check import make_health_checker
 
-                cluster.health_checker = make_health_checker(cluster, proto.health_checks, f"{cpath}.health_checks")
+                cluster.health_checker = make_health_checker(
+                    cluster, proto.health_checks, f"{path}.health_checks"
+                )
             if proto.HasField("outlier_detection"):
                 from pyenvoy.upstream.outlier_detection import make_outlier_detector
 
-                cluster.outlier = make_outlier_detector(cluster, proto.outlier_detection, f"{cpath}.outlier_detection")
-            self.clusters[proto.name] = cluster
-            self.stats.cluster_added.inc()
-        self.stats.active_clusters.set(len(self.clusters))
+                cluster.outlier = make_outlier_detector(
+                    cluster, proto.outlier_detection, f"{path}.outlier_detection"
+                )
+        except BaseException:
+            cluster.close()
+            raise
+        return cluster
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
 
     def has_cluster(self, name: str) -> bool:
+        staged = self.staged_names
+        if staged is not None:
+            return name in staged
         return name in self.clusters
 
     async def initialize(self) -> None:
@@ -528,5 +738,171 @@ class ClusterManager:
         return pool
 
     def close(self) -> None:
-        for c in self.clusters.values():
+        if self.cds is not None:
+            self.cds.stop()
+        for c in list(self.clusters.values()) + list(self.warming.values()):
             c.close()
+
+    # --- changes -------------------------------------------------------------------------
+    async def warm(self, clusters: list[Cluster]) -> None:
+        """Initialize new clusters (DNS, first EDS answer) while the old ones serve."""
+        for c in clusters:
+            self.warming[c.info.name] = c
+        self.stats.warming_clusters.set(len(self.warming))
+        try:
+            # A new cluster also waits for its first health checks; a changed one starts
+            # checking when it takes over the old one's hosts (commit), keeping their health.
+            await asyncio.gather(
+                *(
+                    c.initialize(start_health_checks=c.info.name not in self.clusters)
+                    for c in clusters
+                )
+            )
+        finally:
+            for c in clusters:
+                if self.warming.get(c.info.name) is c:
+                    del self.warming[c.info.name]
+            self.stats.warming_clusters.set(len(self.warming))
+
+    def commit(self, cluster: Cluster) -> None:
+        """Make a warmed cluster active, replacing (and retiring) the one of that name."""
+        name = cluster.info.name
+        old = self.clusters.get(name)
+        cluster.info.last_updated = time.time()
+        if old is not None:
+            cluster.adopt_hosts(old)
+            self.stats.cluster_modified.inc()
+        else:
+            self.stats.cluster_added.inc()
+        self.clusters[name] = cluster
+        if old is not None:
+            old.retire()
+        cluster.start_health_checks()
+        self.stats.active_clusters.set(len(self.clusters))
+
+    def remove(self, name: str) -> None:
+        cluster = self.clusters.pop(name, None)
+        if cluster is None:
+            return
+        cluster.retire()
+        self.stats.cluster_removed.inc()
+        self.stats.active_clusters.set(len(self.clusters))
+
+    def build_static_changes(
+        self, protos: Any, path: str = "static_resources.clusters"
+    ) -> tuple[list[Cluster], list[str], set[str]]:
+        """For a reload: (built clusters for new/changed static protos, names of static
+        clusters to remove, every cluster name of the resulting config). Nothing changes
+        here; ConfigError if a cluster is bad (clusters built so far are closed)."""
+        built: list[Cluster] = []
+        seen: set[str] = set()
+        try:
+            for i, proto in enumerate(protos):
+                cpath = f"{path}[{i}]"
+                if proto.name in seen:
+                    raise ConfigError(f"cluster manager: duplicate cluster '{proto.name}'", cpath)
+                seen.add(proto.name)
+                old = self.clusters.get(proto.name)
+                if (
+                    old is not None
+                    and not old.info.added_via_api
+                    and old.info.proto_hash == proto.SerializeToString(deterministic=True)
+                ):
+                    continue
+                built.append(self.build_cluster(proto, cpath))
+        except BaseException:
+            for c in built:
+                c.close()
+            raise
+        removed = [
+            n for n, c in self.clusters.items() if not c.info.added_via_api and n not in seen
+        ]
+        names = (set(self.clusters) - set(removed)) | seen
+        return built, removed, names
+
+    # --- CDS ---------------------------------------------------------------------------------
+    def subscribe_cds(
+        self, config_source: Any, server: Any, path: str = "dynamic_resources.cds_config"
+    ) -> None:
+        from pyenvoy.config.xds import TYPE_CLUSTER
+
+        assert self.xds is not None
+        stats = CdsStats(self.stats_store.scope("cluster_manager.cds"))
+        self._server = server
+        self.cds = self.xds.subscribe(config_source, TYPE_CLUSTER, self.on_cds_update, stats, path)
+
+    async def start_cds(self) -> None:
+        if self.cds is not None:
+            await self.cds.start_async()
+
+    async def on_cds_update(self, resources: list[DecodedResource], version_info: str) -> None:
+        lock = getattr(getattr(self, "_server", None), "config_lock", None)
+        if lock is not None:
+            async with lock:
+                await self._apply_cds(resources, version_info)
+        else:
+            await self._apply_cds(resources, version_info)
+
+    async def _apply_cds(self, resources: list[DecodedResource], version_info: str) -> None:
+        """A state-of-the-world CDS response, with Envoy's per-cluster semantics: bad clusters
+        are rejected, the others apply; clusters no longer listed are removed."""
+        wanted: dict[str, DecodedResource] = {}
+        for r in resources:
+            name = r.message.name  # type: ignore[attr-defined]
+            if name in wanted:
+                raise ConfigError(
+                    f"duplicate cluster {name} found", f"resources[{r.position}].name"
+                )
+            wanted[name] = r
+        removed = [n for n, c in self.clusters.items() if c.info.added_via_api and n not in wanted]
+        log.info(
+            "cds: response indicates %d added/updated cluster(s), %d removed cluster(s); applying changes",
+            len(wanted),
+            len(removed),
+        )
+        for name in removed:
+            self.remove(name)
+        errors: list[str] = []
+        built: list[Cluster] = []
+        skipped = 0
+        for name, r in wanted.items():
+            proto = r.message
+            existing = self.clusters.get(name)
+            if existing is not None and not existing.info.added_via_api:
+                skipped += 1
+                continue  # a static cluster of that name wins
+            if existing is not None and existing.info.proto_hash == proto.SerializeToString(
+                deterministic=True
+            ):
+                skipped += 1
+                continue
+            try:
+                cluster = self.build_cluster(
+                    proto, f"resources[{r.position}]", added_via_api=True, version_info=version_info
+                )
+            except ConfigError as e:
+                log.warning("cds: cluster '%s' config rejected: %s", name, e)
+                errors.append(f"{name}: {e}")
+                continue
+            built.append(cluster)
+        await self.warm(built)
+        for cluster in built:
+            self.commit(cluster)
+        s = self.cds.stats if self.cds is not None else None
+        if s is not None:
+            s.config_reload.inc()  # type: ignore[attr-defined]
+            s.config_reload_time_ms.set(int(time.time() * 1000))  # type: ignore[attr-defined]
+        log.info(
+            "cds: added/updated %d cluster(s) (skipped %d unmodified cluster(s)); removed %d cluster(s)",
+            len(built),
+            skipped,
+            len(removed),
+        )
+        if errors:
+            raise ConfigError("Error adding/updating cluster(s) " + ", ".join(errors))
+        self.version_info = version_info
+
+
+class CdsStats(SubscriptionStats):
+    COUNTERS: ClassVar[tuple[str, ...]] = SubscriptionStats.COUNTERS + ("config_reload",)
+    GAUGES: ClassVar[tuple[str, ...]] = SubscriptionStats.GAUGES + ("config_reload_time_ms",)

@@ -136,7 +136,6 @@ def _new_request_id() -> bytes:
 
 # HCM fields that change behaviour and pyenvoy does not implement yet: rejected, never ignored.
 _UNSUPPORTED_FIELDS = (
-    "rds",
     "scoped_routes",
     "tracing",
     "http2_protocol_options",
@@ -194,8 +193,11 @@ class HcmConfig:
             if ls is not None
             else None
         )
-        # Route table (inline only: RDS arrives with dynamic config).
+        # Route table: inline, or swapped in by an RDS provider (``set_route_table``); a
+        # stream reads ``route_table`` once when it routes, so a swap affects new streams.
         self.route_table: Any = None
+        self.internal_only_headers: frozenset[bytes] = frozenset()
+        self.rds_provider: Any = None
         if proto.HasField("route_config"):
             from pyenvoy.router.config import RouteTable
 
@@ -204,7 +206,12 @@ class HcmConfig:
             cm = ctx.cluster_manager
             if cm is not None and (not rc.HasField("validate_clusters") or rc.validate_clusters.value):
                 validate = cm.has_cluster
-            self.route_table = RouteTable.from_proto(rc, f"{path}.route_config", validate_clusters=validate)
+            self.set_route_table(RouteTable.from_proto(rc, f"{path}.route_config", validate_clusters=validate))
+        elif proto.HasField("rds"):
+            providers = getattr(ctx.server, "route_config_providers", None)
+            if providers is None:
+                raise ConfigError("rds needs a pyenvoy Server (route config providers)", f"{path}.rds")
+            self.rds_provider = providers.acquire(proto.rds, proto.stat_prefix, self, f"{path}.rds")
         else:
             raise ConfigError("either route_config or rds must be set", path)
         # Header policies.
@@ -250,11 +257,6 @@ class HcmConfig:
             ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}", strict=False)
             for r in proto.internal_address_config.cidr_ranges
         ]
-        rt = self.route_table
-        self.internal_only_headers: frozenset[bytes] = frozenset(
-            h.lower() if isinstance(h, bytes) else h.lower().encode()
-            for h in (getattr(rt, "internal_only_headers", None) or ())
-        )
         self.cluster_manager = ctx.cluster_manager
         self.server = ctx.server
         # Access logs.
@@ -308,6 +310,14 @@ class HcmConfig:
             self.filter_factories.append((hf.name, ext.factory(msg, sub)))
         self._makers = [m for _, m in self.filter_factories]
         self._roles: list[tuple[Callable[[], Any], bool, bool]] | None = None
+
+    def set_route_table(self, table: Any) -> None:
+        """Install a compiled route table (inline at build time, or an RDS update)."""
+        self.internal_only_headers = frozenset(
+            h.lower() if isinstance(h, bytes) else h.lower().encode()
+            for h in (getattr(table, "internal_only_headers", None) or ())
+        )
+        self.route_table = table
 
     # --- per connection / per stream --------------------------------------------------------
     def create_connection_filter(self) -> ConnectionManager:
