@@ -304,6 +304,11 @@ def drain_listeners(server: Any, drain_time: float, strategy: str) -> None:
         _drain_fallback(conns, drain_time, strategy)
         return
     sequence = DrainSequence(drain_time, strategy, close_at_end=False)
+    for listener in listeners:
+        # A connection accepted just before the listener stopped opens after this point:
+        # the listener hands it to the same sequence (else it would stay keep-alive until
+        # the parent exits and be cut under a request).
+        listener.drain = sequence
     for conn in conns:
         sequence.add(conn)
 

@@ -15,6 +15,7 @@ texts and headers. No ``await`` lives here: everything is callbacks; timers are 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
@@ -368,6 +369,7 @@ class ConnectionManager(nf.ReadFilter):
 
 
 _monotonic = time.monotonic
+_getrandbits = random.getrandbits
 
 
 def _loop() -> Any:
@@ -584,7 +586,11 @@ class ActiveStream:
         r = self._route
         if r is _UNSET:
             table = self.cm.config.route_table
-            r = self._route = table.route(self.request_headers) if table is not None else None
+            # A fresh random value per stream drives runtime_fraction matches and weighted
+            # clusters, as in Envoy.
+            r = self._route = (
+                table.route(self.request_headers, _getrandbits(64)) if table is not None else None
+            )
             if r is not None:
                 si = self.stream_info
                 si.route_name = r.name

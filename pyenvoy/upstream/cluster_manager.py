@@ -104,6 +104,7 @@ class ClusterStats(StatsStruct):
         "upstream_internal_redirect_failed_total",
         "upstream_internal_redirect_succeeded_total",
         "upstream_rq_0rtt",
+        "upstream_rq_active_overflow",
         "upstream_rq_cancelled",
         "upstream_rq_completed",
         "upstream_rq_maintenance_mode",
