@@ -163,6 +163,10 @@ def test_dead_worker_is_restarted(setup: dict[str, Any]) -> None:
         p.kill()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="same known hand-over race as tests/test_hot_restart.py (open bug)",
+)
 def test_hot_restart_with_workers_fails_no_request(
     setup: dict[str, Any], upstream: HttpUpstream
 ) -> None:
