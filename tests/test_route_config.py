@@ -1456,12 +1456,12 @@ def test_validate_clusters() -> None:
                         "match": {"prefix": "/"},
                         "route": {
                             "cluster": "c",
-                            "max_stream_duration": {"max_stream_duration": "1s"},
+                            "max_stream_duration": {"grpc_timeout_header_max": "1s"},
                         },
                     }
                 ]
             ),
-            "route_config.virtual_hosts[0].routes[0].route.max_stream_duration",
+            "route_config.virtual_hosts[0].routes[0].route.max_stream_duration.grpc_timeout_header_max",
         ),
         (
             one_vhost(

@@ -179,6 +179,7 @@ _ACTION_FIELDS = frozenset(
         "hash_policy",
         "upgrade_configs",
         "include_vh_rate_limits",
+        "max_stream_duration",
     }
 )
 _REDIRECT_FIELDS = frozenset(
@@ -933,6 +934,7 @@ class Route:
         "redirect",
         "timeout",
         "idle_timeout",
+        "max_stream_duration",
         "prefix_rewrite",
         "regex_rewrite",
         "host_rewrite_literal",
@@ -976,6 +978,8 @@ class Route:
         self.redirect: RedirectAction | None = None
         self.timeout = DEFAULT_ROUTE_TIMEOUT
         self.idle_timeout: float | None = None
+        # RouteAction.max_stream_duration.max_stream_duration (seconds), None when unset.
+        self.max_stream_duration: float | None = None
         self.prefix_rewrite: bytes | None = None
         self.regex_rewrite: _RegexRewrite | None = None
         self.host_rewrite_literal: bytes | None = None
@@ -1665,6 +1669,14 @@ def _build_action(
     )
     if msg.HasField("idle_timeout"):
         route.idle_timeout = _duration_seconds(msg.idle_timeout)
+    if msg.HasField("max_stream_duration"):
+        msd = msg.max_stream_duration
+        mpath = _join(path, "max_stream_duration")
+        for f in ("grpc_timeout_header_max", "grpc_timeout_header_offset"):
+            if msd.HasField(f):
+                raise ConfigError(f"{f} is not supported by pyenvoy yet", _join(mpath, f))
+        if msd.HasField("max_stream_duration"):
+            route.max_stream_duration = _duration_seconds(msd.max_stream_duration) or None
     if msg.HasField("retry_policy"):
         route.retry_policy = msg.retry_policy
     if len(msg.hash_policy):

@@ -54,3 +54,12 @@ def test_request_body_never_finished_gets_408(proxy: ProxyProcess) -> None:
 def test_fast_requests_unaffected(proxy: ProxyProcess) -> None:
     ex = exchange(proxy.listener_port, get("/delay/100"))
     assert ex.response.status == 200
+
+
+def test_route_max_stream_duration(proxy: ProxyProcess) -> None:
+    """Route max_stream_duration replaces the route timeout: 504 downstream duration timeout."""
+    t0 = time.monotonic()
+    ex = exchange(proxy.listener_port, get("/msd"))
+    assert_local_reply(ex.response, 504, "Gateway Timeout", b"downstream duration timeout")
+    assert 0.2 < time.monotonic() - t0 < 0.9
+    proxy.wait_stat("http.to_http.downstream_rq_max_duration_reached", 1)
