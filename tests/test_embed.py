@@ -162,3 +162,20 @@ async def test_ipv6_listener_and_several_listeners(upstream: HttpUpstream) -> No
         stats = proxy.stats()
         assert stats["listener.[__1]_0.downstream_cx_total"] == 1
         assert stats["listener.127.0.0.1_0.downstream_cx_total"] == 1
+
+
+async def test_clusters_shows_outlier_detection_figures(upstream: HttpUpstream) -> None:
+    cfg = config(upstream.port)
+    cfg["static_resources"]["clusters"][0]["outlier_detection"] = {"consecutive_5xx": 5}
+    async with pyenvoy.Proxy(cfg) as proxy:
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{proxy.admin_port}/clusters")).text
+    lines = text.splitlines()
+    i = lines.index("svc::observability_name::svc")
+    # As Envoy 1.40 prints them: right after the name, -1 until there is data.
+    assert lines[i + 1 : i + 5] == [
+        "svc::outlier::success_rate_average::-1",
+        "svc::outlier::success_rate_ejection_threshold::-1",
+        "svc::outlier::local_origin_success_rate_average::-1",
+        "svc::outlier::local_origin_success_rate_ejection_threshold::-1",
+    ]

@@ -600,7 +600,10 @@ def _locality(host: Any) -> tuple[str, str, str]:
 
 
 def _rate(host: Any, attr: str) -> float | None:
-    v = getattr(host, attr, None)
+    """A host's outlier-detection rate (kept by the detector in ``host.outlier``)."""
+    v = getattr(getattr(host, "outlier", None), attr, None)
+    if v is None:
+        v = getattr(host, attr, None)
     return float(v) if isinstance(v, (int, float)) and v >= 0 else None
 
 
@@ -612,6 +615,16 @@ def _clusters_text(server: Any, name_re: re.Pattern[str] | None) -> str:
         if name_re is not None and not name_re.search(name):
             continue
         out.append(f"{name}::observability_name::{getattr(info, 'observability_name', name)}\n")
+        od = getattr(cluster, "outlier", None)
+        if od is not None:
+            # Envoy prints the detector's cluster-wide figures right after the name.
+            for field in (
+                "success_rate_average",
+                "success_rate_ejection_threshold",
+                "local_origin_success_rate_average",
+                "local_origin_success_rate_ejection_threshold",
+            ):
+                out.append(f"{name}::outlier::{field}::{float(getattr(od, field, -1.0)):g}\n")
         for prio, max_cx, max_pending, max_rq, max_retries in (
             getattr(info, "circuit_breakers", None) or _DEFAULT_CB
         ):
