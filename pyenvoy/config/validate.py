@@ -670,35 +670,36 @@ def _field_check(fd: FieldDescriptor, rules: Any) -> Callable[[Any], None] | Non
     return check_scalar
 
 
+def _count_checks(lo: int | None, hi: int | None, unit: str, plural: str) -> list[Check]:
+    """PGV's min/max count rules for repeated items and map pairs, in its wording."""
+    if lo:
+        if hi is not None and lo == hi:
+            return [(lambda n, a=lo: n != a, f"value must contain exactly {lo} {unit}")]
+        if hi:
+            return [
+                (
+                    lambda n, a=lo, b=hi: n < a or n > b,
+                    f"value must contain between {lo} and {hi} {plural}, inclusive",
+                )
+            ]
+        return [(lambda n, a=lo: n < a, f"value must contain at least {lo} {unit}")]
+    if hi:
+        return [(lambda n, b=hi: n > b, f"value must contain no more than {hi} {unit}")]
+    return []
+
+
 def _repeated_check(fd: FieldDescriptor, rules: Any, errname: str) -> Callable[[Any], None] | None:
     if rules.WhichOneof("type") != "repeated":
         return None
     r = rules.repeated
     name = fd.name
     has = r.HasField
-    count_checks: list[Check] = []
-    min_items = r.min_items if has("min_items") else None
-    max_items = r.max_items if has("max_items") else None
-    if min_items:
-        if max_items is not None and min_items == max_items:
-            count_checks.append(
-                (lambda n, a=min_items: n != a, f"value must contain exactly {min_items} item(s)")
-            )
-        elif max_items:
-            count_checks.append(
-                (
-                    lambda n, a=min_items, b=max_items: n < a or n > b,
-                    f"value must contain between {min_items} and {max_items} items, inclusive",
-                )
-            )
-        else:
-            count_checks.append(
-                (lambda n, a=min_items: n < a, f"value must contain at least {min_items} item(s)")
-            )
-    elif max_items:
-        count_checks.append(
-            (lambda n, b=max_items: n > b, f"value must contain no more than {max_items} item(s)")
-        )
+    count_checks = _count_checks(
+        r.min_items if has("min_items") else None,
+        r.max_items if has("max_items") else None,
+        "item(s)",
+        "items",
+    )
     unique = has("unique") and r.unique
     item_checks: list[Check] = []
     if r.HasField("items") and fd.message_type is None:
@@ -740,29 +741,12 @@ def _map_check(fd: FieldDescriptor, rules: Any, errname: str) -> Callable[[Any],
     name = fd.name
     has = r.HasField
     entry = fd.message_type
-    count_checks: list[Check] = []
-    lo = r.min_pairs if has("min_pairs") else None
-    hi = r.max_pairs if has("max_pairs") else None
-    if lo:
-        if hi is not None and lo == hi:
-            count_checks.append(
-                (lambda n, a=lo: n != a, f"value must contain exactly {lo} pair(s)")
-            )
-        elif hi:
-            count_checks.append(
-                (
-                    lambda n, a=lo, b=hi: n < a or n > b,
-                    f"value must contain between {lo} and {hi} pairs, inclusive",
-                )
-            )
-        else:
-            count_checks.append(
-                (lambda n, a=lo: n < a, f"value must contain at least {lo} pair(s)")
-            )
-    elif hi:
-        count_checks.append(
-            (lambda n, b=hi: n > b, f"value must contain no more than {hi} pair(s)")
-        )
+    count_checks = _count_checks(
+        r.min_pairs if has("min_pairs") else None,
+        r.max_pairs if has("max_pairs") else None,
+        "pair(s)",
+        "pairs",
+    )
     key_checks = _scalar_checks(r.keys, entry.fields_by_name["key"]) if has("keys") else []
     val_fd = entry.fields_by_name["value"]
     val_checks = (
