@@ -564,6 +564,19 @@ class Router(hf.StreamDecoderFilter):
         self.headers = headers
         self.request_end = end_stream
         self.downstream_connection = cb.connection
+        self._frame_request(headers, end_stream)
+        cb.add_downstream_watermark_callbacks(self)
+        self.start = time.monotonic()
+        if end_stream:
+            self._start_timer()
+        self.pool = pool
+        self.pending = True
+        pool.new_stream(self)
+        return hf.STOP_ITERATION
+
+    def _frame_request(self, headers: RequestHeaders, end_stream: bool) -> None:
+        """Upstream HTTP/1 framing: a body of unknown length goes chunked; a bodiless
+        POST/PUT/PATCH says content-length: 0."""
         if not end_stream and headers.get(b"content-length") is None:
             self.chunked = True
             headers.headers.append([b"transfer-encoding", b"chunked"])
@@ -573,14 +586,6 @@ class Router(hf.StreamDecoderFilter):
             and headers.get(b"content-length") is None
         ):
             headers.headers.append([b"content-length", b"0"])
-        cb.add_downstream_watermark_callbacks(self)
-        self.start = time.monotonic()
-        if end_stream:
-            self._start_timer()
-        self.pool = pool
-        self.pending = True
-        pool.new_stream(self)
-        return hf.STOP_ITERATION
 
     def decode_data(self, data: bytes, end_stream: bool) -> int:
         if self.done:
@@ -1044,15 +1049,7 @@ class Router(hf.StreamDecoderFilter):
         # Mirrors copy the headers as they are now (framing is added per copy).
         if settings.mirrors and headers.method != b"CONNECT":
             self._start_shadows(headers, end_stream, settings, ext)
-        if not end_stream and headers.get(b"content-length") is None:
-            self.chunked = True
-            headers.headers.append([b"transfer-encoding", b"chunked"])
-        elif (
-            end_stream
-            and headers.method in _BODY_METHODS
-            and headers.get(b"content-length") is None
-        ):
-            headers.headers.append([b"content-length", b"0"])
+        self._frame_request(headers, end_stream)
         retry = ext.retry
         ext.buffering = retry is not None and retry.enabled
         limit = cb.connection.buffer_limit
