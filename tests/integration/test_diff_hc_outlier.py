@@ -382,7 +382,10 @@ def test_connect_failures_are_gateway_failures(
 def test_split_local_origin_failures(outlier: tuple[ProxyProcess, dict[str, int]]) -> None:
     p, ports = outlier
     codes = [get(p.listener_port, "/lo/x") for _ in range(6)]
-    assert codes.count(503) == 2
+    # Ejection after 2 local-origin failures. Envoy ejects on its main thread and the
+    # worker's host set follows a moment later, so on a busy machine one more request can
+    # still reach the dead host there; pyenvoy ejects synchronously.
+    assert codes.count(503) == 2 or (p.kind == "envoy" and codes.count(503) == 3)
     assert wait_until(lambda: _nonzero(p, "lo").get("ejections_active") == 1)
     assert _nonzero(p, "lo") == {
         "ejections_active": 1,
