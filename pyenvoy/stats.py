@@ -17,6 +17,8 @@ Groups of stats are declared once as data, the way Envoy's ``ALL_*_STATS`` macro
 from __future__ import annotations
 
 import bisect
+from collections import Counter as _Tally
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 # Envoy's default histogram bucket bounds (Stats::HistogramSettingsImpl::defaultBuckets()).
@@ -124,10 +126,8 @@ class Histogram:
             return
         self._pending = []
         counts = self._counts
-        bounds = self.bounds
-        left = bisect.bisect_left
-        for v in p:
-            counts[left(bounds, v)] += 1
+        for i, c in _Tally(map(partial(bisect.bisect_left, self.bounds), p)).items():
+            counts[i] += c
         self._sum += sum(p)
         self._count += len(p)
         self._used = True

@@ -43,6 +43,20 @@ _RESPONSE_STRIP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
 
+# Response header names that HcmConfig.mutate_response_headers classifies in its one pass
+# over the headers; it returns the OR of the codec's bits (content-length present, a header
+# in _RESPONSE_STRIP present) so the codec does not scan the headers again.
+_HAS_CONTENT_LENGTH = 1
+_HAS_HOP_BY_HOP = 2
+RESPONSE_K_DATE = 4
+RESPONSE_K_SERVER = 8
+RESPONSE_HEADER_KINDS = {
+    b"date": RESPONSE_K_DATE,
+    b"server": RESPONSE_K_SERVER,
+    b"content-length": _HAS_CONTENT_LENGTH,
+    **dict.fromkeys(_RESPONSE_STRIP, _HAS_HOP_BY_HOP),
+}
+
 _date_cache: list[Any] = [0, b""]
 
 
@@ -684,17 +698,15 @@ class ActiveStream:
         cm = self.cm
         self.response_started = True
         self.stream_info.response_code = status = headers.status
-        cm.config.mutate_response_headers(headers, self)
+        seen = cm.config.mutate_response_headers(headers, self)
         hl = headers.headers
         # The codec owns framing and connection management headers.
-        for h in hl:
-            if h[0] in _RESPONSE_STRIP:
-                headers.headers = hl = [x for x in hl if x[0] not in _RESPONSE_STRIP]
-                break
+        if seen & _HAS_HOP_BY_HOP:
+            headers.headers = hl = [x for x in hl if x[0] not in _RESPONSE_STRIP]
         no_body_status = status == 204 or status == 304 or status < 200
         if no_body_status:
             headers.headers = hl = [x for x in hl if x[0] != b"content-length"]
-        has_length = no_body_status or headers.get(b"content-length") is not None
+        has_length = no_body_status or seen & _HAS_CONTENT_LENGTH
         http10 = self.version == 10
         close = self.close_connection or not self.keep_alive or cm.closing or cm.remote_closed
         framing: list[bytes] | None = None

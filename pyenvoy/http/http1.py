@@ -349,9 +349,12 @@ class _Parser:
             ):
                 return
         else:
-            self._buf = data
             if self.paused or self._running:
+                self._buf = data
                 return
+            if self._state == _HEAD and self._fast(data):
+                return
+            self._buf = data
         self._run()
 
     def pause(self) -> None:
@@ -416,6 +419,12 @@ class _Parser:
                 if r < 0:
                     return ~r
                 pos = r
+                if self._state == _DONE and not self.paused:  # a bodyless message
+                    self._state = _HEAD
+                    self._on_complete()
+            elif state == _DONE:
+                self._state = _HEAD
+                self._on_complete()
             elif state == _BODY or state == _CHUNK_DATA:
                 avail = end - pos
                 if avail <= 0:
@@ -431,9 +440,6 @@ class _Parser:
                     self._remaining = 0
                     self._state = _DONE if state == _BODY else _CHUNK_CRLF
                 self._on_body(chunk)
-            elif state == _DONE:
-                self._state = _HEAD
-                self._on_complete()
             elif state == _CHUNK_SIZE:
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
@@ -528,6 +534,34 @@ class _Parser:
     def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
         raise NotImplementedError
 
+    def _fast(self, data: bytes) -> bool:
+        """Parse ``data`` (fed while idle between messages) in one step if it has the usual
+        shape; False, with nothing done, to leave it to the state machine."""
+        return False
+
+    def _fast_fields(self, block: bytes) -> list[list[bytes]] | None:
+        """A CRLF header block on the fast path (each line ends in CRLF), or None when any
+        line needs the general path (which reports errors exactly)."""
+        found = _findall_crlf_fields(block)
+        if (
+            len(found) != block.count(b"\n")
+            or len(found) > self._max_headers_count
+            or block.translate(None, _FIELD_CHARS)
+        ):
+            return None
+        return [[n.lower(), v] for n, v in found]
+
+    def _fast_done(self, tail: bytes) -> None:
+        """After a fast-path message: bytes after it, bytes fed from its callbacks, an EOF
+        seen meanwhile and an undelivered message end go to the state machine."""
+        fed = self._buf
+        if fed:
+            tail += bytes(fed)
+        if tail or self._eof or self._state == _DONE:
+            self._buf = tail
+            if not self.paused:
+                self._run()
+
 
 class RequestParser(_Parser):
     """Incremental HTTP/1 request parser (the downstream side of the connection manager).
@@ -574,6 +608,47 @@ class RequestParser(_Parser):
             # Other target forms, HTABs in the line, errors: the general path decides.
             return self._request_line_slow(line)
         return method, target, version
+
+    def _fast(self, data: bytes) -> bool:
+        # Shape: exactly one CRLF head and nothing after it, the usual request line.
+        n = len(data)
+        if data.find(b"\r\n\r\n") != n - 4 or n > self._max_header_bytes:
+            return False
+        le = data.find(b"\r\n")
+        parts = data[:le].split(b" ")
+        if len(parts) != 3 or self._methods is None:
+            return False
+        method, target, vers = parts
+        if vers == b"HTTP/1.1":
+            version = 11
+        elif vers == b"HTTP/1.0":
+            version = 10
+        else:
+            return False
+        if method not in ENVOY_METHODS or method == b"CONNECT" or _ORIGIN_FORM(target) is None:
+            return False
+        if le < n - 4:
+            headers = self._fast_fields(data[le + 2 : n - 2])
+            if headers is None:
+                return False
+            special = [h for h in headers if h[0] in _SPECIAL] or None
+        else:
+            headers = []
+            special = None
+        self._running = True
+        try:
+            self._finish_head(method, target, version, headers, special)
+            if self._state == _DONE and not self.paused:
+                self._state = _HEAD
+                self._on_complete()
+        except ParseError as e:
+            self._error = e
+            self._buf = b""
+            raise
+        finally:
+            self._running = False
+        self._fast_done(b"")
+        return True
 
     def _request_line_slow(self, line: bytes) -> tuple[bytes, bytes, int]:
         if b"\r" in line:
@@ -776,6 +851,52 @@ class ResponseParser(_Parser):
         return ParseError(
             UPSTREAM_EOF_AFTER_HEADERS if headers_done else UPSTREAM_EOF_BEFORE_HEADERS, 502
         )
+
+    def _fast(self, data: bytes) -> bool:
+        # Shape: an HTTP/1.1 final response with a CRLF head (any body after it is left to
+        # the state machine unless it is exactly the Content-Length body).
+        hend = data.find(b"\r\n\r\n")
+        if hend < 0 or hend + 4 > self._max_header_bytes or not self._expected:
+            return False
+        le = data.find(b"\r\n")
+        code = data[9:12]
+        if (
+            data[:9] != b"HTTP/1.1 "
+            or not code.isdigit()
+            or code[0] < 50  # 1xx and malformed codes: the general path
+            or not (le == 12 or (data[12] == 32 and _REASON_OK(data, 13, le) is not None))
+        ):
+            return False
+        if le < hend:
+            headers = self._fast_fields(data[le + 2 : hend + 2])
+            if headers is None:
+                return False
+            special = [h for h in headers if h[0] in _SPECIAL] or None
+        else:
+            headers = []
+            special = None
+        body_at = hend + 4
+        tail = b""
+        self._running = True
+        try:
+            self._finish_head(int(code), 11, headers, special)
+            if self._state == _BODY and len(data) - body_at == self._remaining and not self.paused:
+                self._remaining = 0
+                self._state = _DONE
+                self._on_body(data[body_at:])
+            elif len(data) > body_at:
+                tail = data[body_at:]
+            if self._state == _DONE and not tail and not self.paused:
+                self._state = _HEAD
+                self._on_complete()
+        except ParseError as e:
+            self._error = e
+            self._buf = b""
+            raise
+        finally:
+            self._running = False
+        self._fast_done(tail)
+        return True
 
     def _status_line(self, line: bytes) -> tuple[int, int]:
         if (
@@ -981,12 +1102,15 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
+_join_name_value = b": ".join
+
+
 def _join_fields(first: bytes, headers: list[list[bytes]]) -> bytes:
     if headers:
-        data = b"%s%s\r\n\r\n" % (first, b"\r\n".join([b": ".join(h) for h in headers]))
+        data = first + b"\r\n".join(map(_join_name_value, headers)) + b"\r\n\r\n"
     else:
         data = first + b"\r\n"
-    # One C pass guards against CR/LF smuggled into a name or value (response splitting).
+    # Two C passes guard against CR/LF smuggled into a name or value (response splitting).
     n = len(headers) + 2
     if data.count(b"\n") != n or data.count(b"\r") != n:
         raise ValueError("CR or LF in an HTTP/1 start line, header name or value")

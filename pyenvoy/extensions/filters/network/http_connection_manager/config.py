@@ -21,7 +21,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.fields import reject_unsupported, seconds
 from pyenvoy.extensions import registry
-from pyenvoy.http.conn_manager import ConnectionManager, http_date
+from pyenvoy.http.conn_manager import (
+    RESPONSE_HEADER_KINDS,
+    RESPONSE_K_DATE,
+    RESPONSE_K_SERVER,
+    ConnectionManager,
+    http_date,
+)
 from pyenvoy.network.utility import is_loopback, local_address
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.stream_info import format_address
@@ -125,12 +131,16 @@ def _new_request_id() -> bytes:
     """A random UUID v4 (what Envoy puts in x-request-id), made 64 at a time."""
     pool = _rid_pool
     if not pool:
-        h = os.urandom(16 * 64).hex()
-        for i in range(0, len(h), 32):
-            x = h[i : i + 32]
-            pool.append(
-                f"{x[:8]}-{x[8:12]}-4{x[13:16]}-{'89ab'[int(x[16], 16) & 3]}{x[17:20]}-{x[20:]}".encode()
-            )
+        raw = bytearray(os.urandom(16 * 64))
+        raw[6::16] = bytes([(b & 0x0F) | 0x40 for b in raw[6::16]])  # version 4
+        raw[8::16] = bytes([(b & 0x3F) | 0x80 for b in raw[8::16]])  # RFC 4122 variant
+        h = raw.hex().encode()
+        pool.extend(
+            [
+                b"-".join((h[i : i + 8], h[i + 8 : i + 12], h[i + 12 : i + 16], h[i + 16 : i + 20], h[i + 20 : i + 32]))
+                for i in range(0, len(h), 32)
+            ]
+        )
     return pool.pop()
 
 
@@ -354,17 +364,23 @@ class HcmConfig:
         si = stream.stream_info
         remote = si.downstream_remote_address
         ip = remote[0] if remote else ""
-        internal = self._is_internal(ip)
+        internal = self._is_internal(ip) if self.internal_networks else False
         hl = headers.headers
         xfp = rid = None
         strip = False
+        kind_of = _REQUEST_KINDS.get
+        internal_only = self.internal_only_headers
         for h in hl:
             n = h[0]
-            if n == b"x-forwarded-proto":
+            k = kind_of(n)
+            if k is None:
+                if (n[:1] == b"x" and n.startswith(b"x-envoy-")) or n in internal_only:
+                    strip = True
+            elif k == 1:
                 xfp = h
-            elif n == b"x-request-id":
+            elif k == 2:
                 rid = h[1]
-            elif n in _REQUEST_HOP_BY_HOP or n[:8] == b"x-envoy-" or n == b"te" or n in self.internal_only_headers:
+            else:
                 strip = True
         if strip:
             headers.headers = hl = _strip_request_headers(hl, self.internal_only_headers, not internal)
@@ -409,20 +425,28 @@ class HcmConfig:
             return False
         return any(a in n for n in nets)
 
-    def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> None:
-        """date (when absent), server (per server_header_transformation), request id, via."""
+    def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> int:
+        """date (when absent), server (per server_header_transformation), request id, via.
+
+        Returns the codec's bits from the same pass over the headers (see
+        ``RESPONSE_HEADER_KINDS`` in pyenvoy/http/conn_manager.py)."""
         hl = headers.headers
         has_date = False
         server_entry = None
         servers = 0
+        seen = 0
+        kind_of = RESPONSE_HEADER_KINDS.get
         for h in hl:
-            n = h[0]
-            if n == b"date":
-                has_date = True
-            elif n == b"server":
-                servers += 1
-                if server_entry is None:
-                    server_entry = h
+            k = kind_of(h[0])
+            if k is not None:
+                if k == RESPONSE_K_DATE:
+                    has_date = True
+                elif k == RESPONSE_K_SERVER:
+                    servers += 1
+                    if server_entry is None:
+                        server_entry = h
+                else:
+                    seen |= k
         if not has_date:
             hl.append([b"date", http_date()])
         t = self.server_header_transformation
@@ -447,6 +471,7 @@ class HcmConfig:
             # Failing health checks means draining: close connections as responses finish.
             stream.close_connection = True
             self.stats.downstream_cx_drain_close.value += 1
+        return seen
 
     def on_stream_complete(self, stream: ActiveStream) -> None:
         s = self.stats
@@ -474,6 +499,14 @@ class HcmConfig:
 _REQUEST_HOP_BY_HOP = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
+# What mutate_request_headers' pass looks for: 1 x-forwarded-proto, 2 x-request-id,
+# 3 a header to strip (plus x-envoy-* and internal_only_headers, checked apart).
+_REQUEST_KINDS = {
+    b"x-forwarded-proto": 1,
+    b"x-request-id": 2,
+    b"te": 3,
+    **dict.fromkeys(_REQUEST_HOP_BY_HOP, 3),
+}
 # Envoy's x-envoy-* request headers that only Envoy may set (cleaned from external requests).
 _ENVOY_INTERNAL_HEADERS = frozenset(
     (
