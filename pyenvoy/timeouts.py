@@ -3,8 +3,8 @@
 Strategy: most timeouts on the request path share a duration (every request on a route
 has the same 15 s route timeout), so deadlines added to one ``TimeoutQueue`` arrive in
 increasing order. A queue is a deque of entries plus at most one ``loop.call_later`` for
-its head: adding is an append, cancelling flips a flag, and no timer handle is created or
-cancelled per request. Queues are shared per event loop and duration.
+its head: adding is an append (after dropping cancelled entries at the head), cancelling
+flips a flag, and no timer handle is created or cancelled per request. Queues are shared per event loop and duration.
 """
 
 from __future__ import annotations
@@ -43,7 +43,14 @@ class TimeoutQueue:
 
     def add(self, callback: Callable[[], Any]) -> Timeout:
         t = Timeout(self.loop.time() + self.seconds, callback)
-        self.entries.append(t)
+        entries = self.entries
+        # Most entries are cancelled long before they are due (a 15 s route timeout, a
+        # response in milliseconds): drop cancelled ones from the head as we go, so the
+        # queue holds about the in-flight entries, not every request of the last 15 s
+        # (memory, and garbage-collector passes over them).
+        while entries and entries[0].cancelled:
+            entries.popleft()
+        entries.append(t)
         if self.handle is None:
             self.handle = self.loop.call_at(t.deadline, self._fire)
         return t
