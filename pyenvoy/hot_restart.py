@@ -37,7 +37,6 @@ import functools
 import json
 import logging
 import os
-import random
 import socket
 import struct
 import sys
@@ -47,6 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from pyenvoy.drain import DrainSequence
 from pyenvoy.options import HOT_RESTART_VERSION
 
 __all__ = [
@@ -298,11 +298,8 @@ def drain_listeners(server: Any, drain_time: float, strategy: str) -> None:
         stats.live.set(0)
     listeners = lm.all_listeners() if hasattr(lm, "all_listeners") else lm.listeners
     conns = [c for listener in listeners for c in list(listener.connections)]
-    try:
-        from pyenvoy.drain import DrainSequence
-    except ImportError:  # pragma: no cover - older trees without the drain manager
-        _drain_fallback(conns, drain_time, strategy)
-        return
+    # Each connection is marked at its moment, never while a response is on the wire (that
+    # response went out keep-alive; closing after it would cut the client's next request).
     sequence = DrainSequence(drain_time, strategy, close_at_end=False)
     for listener in listeners:
         # A connection accepted just before the listener stopped opens after this point:
@@ -311,23 +308,6 @@ def drain_listeners(server: Any, drain_time: float, strategy: str) -> None:
         listener.drain = sequence
     for conn in conns:
         sequence.add(conn)
-
-
-def _drain_fallback(conns: list[Any], drain_time: float, strategy: str) -> None:
-    loop = asyncio.get_running_loop()
-    rng = random.Random()
-    immediate = strategy == "immediate" or drain_time <= 0
-    for conn in conns:
-        loop.call_later(0 if immediate else rng.uniform(0.0, drain_time), _drain_http, conn)
-
-
-def _drain_http(conn: Any) -> None:
-    if getattr(conn, "closed", False):
-        return
-    for cm in getattr(conn, "read_filters", ()):
-        if not (hasattr(cm, "closing") and hasattr(cm, "stream")):
-            continue  # not the HTTP connection manager
-        cm.drain_close()
 
 
 # --------------------------------------------------------------------------- parent

@@ -163,10 +163,6 @@ def test_dead_worker_is_restarted(setup: dict[str, Any]) -> None:
         p.kill()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="same known hand-over race as tests/test_hot_restart.py (open bug)",
-)
 def test_hot_restart_with_workers_fails_no_request(
     setup: dict[str, Any], upstream: HttpUpstream
 ) -> None:
@@ -240,3 +236,234 @@ def test_admin_changes_reach_the_workers(setup: dict[str, Any]) -> None:
                 conn.close()
     finally:
         p.kill()
+
+
+# --- active health checking: one checker (the main process), every worker follows it -------
+
+HC_CONFIG = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+static_resources:
+  listeners:
+  - name: http
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: backend
+    connect_timeout: 1s
+    health_checks:
+    - timeout: 1s
+      interval: 0.2s
+      no_traffic_interval: 0.2s
+      unhealthy_threshold: 1
+      healthy_threshold: 1
+      http_health_check: {{path: /healthz}}
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+{endpoints}
+"""
+R503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+
+
+def hc_config(admin_port: int, listener_port: int, *upstream_ports: int) -> str:
+    eps = "".join(
+        "        - endpoint: {address: {socket_address: {address: 127.0.0.1, "
+        f"port_value: {p}}}}}}}\n"
+        for p in upstream_ports
+    )
+    return HC_CONFIG.format(
+        admin_port=admin_port, listener_port=listener_port, endpoints=eps.rstrip("\n")
+    )
+
+
+def health_checks(up: HttpUpstream) -> list[Any]:
+    return [q for q in list(up.requests) if q.path == "/healthz"]
+
+
+def proxied(up: HttpUpstream) -> int:
+    return sum(1 for q in list(up.requests) if q.path != "/healthz")
+
+
+def host_flags(admin: int) -> dict[int, str]:
+    """Upstream port -> health_flags of cluster ``backend`` in admin /clusters."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/clusters", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[int, str] = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "backend" and parts[2] == "health_flags":
+            out[int(parts[1].rsplit(":", 1)[1])] = parts[3]
+    return out
+
+
+def wait_flags(admin: int, want: dict[int, str], p: PyEnvoy, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    got: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        got = host_flags(admin)
+        if got == want:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"/clusters flags {got} != {want}:\n{p.output()}")
+
+
+def wait_live(admin: int, p: PyEnvoy, timeout: float = 15.0) -> None:
+    """Admin /ready says LIVE once every worker serves (and SIGHUP reaches the workers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not LIVE:\n{p.output()}")
+
+
+def per_worker_cx(admin: int, port: int) -> list[int]:
+    stats = read_stats(f"http://127.0.0.1:{admin}")
+    return [
+        stats.get(f"listener.127.0.0.1_{port}.worker_{i}.downstream_cx_total", 0) for i in (0, 1)
+    ]
+
+
+@pytest.fixture()
+def two_upstreams() -> Iterator[tuple[HttpUpstream, HttpUpstream]]:
+    a, b = HttpUpstream(), HttpUpstream()
+    a.start()
+    b.start()
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_health_checks_run_once_and_every_worker_follows(
+    two_upstreams: tuple[HttpUpstream, HttpUpstream], tmp_path: Path
+) -> None:
+    a, b = two_upstreams
+    admin, port = free_port(), free_port()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(hc_config(admin, port, a.port, b.port))
+    p = PyEnvoy(config, "--concurrency", "2", "--base-id", str(next(_base_ids)))
+    try:
+        wait_live(admin, p)
+        workers = wait_children(p.proc.pid, 2)
+        wait_flags(admin, {a.port: "healthy", b.port: "healthy"}, p)
+        # One checker (the main process's): one health-check connection per upstream and
+        # about one check per 0.2 s interval, not one stream per process.
+        before = len(health_checks(a))
+        time.sleep(1.0)
+        checks = len(health_checks(a)) - before
+        assert 2 <= checks <= 8, checks
+        assert {q.conn_id for q in health_checks(a)} == {q.conn_id for q in health_checks(b)} == {1}
+        # health_check.* are the main process's own counts (not summed over processes).
+        seen = len(health_checks(a)) + len(health_checks(b))
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        seen_after = len(health_checks(a)) + len(health_checks(b))
+        attempts = stats["cluster.backend.health_check.attempt"]
+        assert seen <= attempts <= seen_after + 2, (seen, attempts, seen_after)
+        assert stats["cluster.backend.health_check.success"] <= attempts
+        assert stats["cluster.backend.health_check.healthy"] == 2
+        assert stats["cluster.backend.membership_healthy"] == 2
+
+        # b fails its check: no worker sends it anything from then on.
+        b.raw_responses["/healthz"] = R503
+        wait_flags(admin, {a.port: "healthy", b.port: "/failed_active_hc"}, p)
+        # membership_healthy is the workers' maximum: 1 once every worker has b failed.
+        wait_stat(admin, "cluster.backend.membership_healthy", 1, p)
+        to_b, cx = proxied(b), per_worker_cx(admin, port)
+        for _ in range(30):
+            assert get_close(port) == 200
+        assert proxied(b) == to_b
+        cx2 = per_worker_cx(admin, port)
+        assert all(n > m for n, m in zip(cx2, cx, strict=True)), (cx, cx2)  # both workers
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        assert stats["cluster.backend.health_check.healthy"] == 1
+        assert stats["cluster.backend.membership_healthy"] == 1
+        assert stats["cluster.backend.health_check.failure"] >= 1
+
+        # A restarted worker starts with the current state (a healthy, b failed): were it
+        # to start with every host failed, its panic mode would send requests to b.
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        wait_children(p.proc.pid, 1, exclude=workers)
+        cx = per_worker_cx(admin, port)
+        for _ in range(30):
+            assert get_close(port) == 200
+        assert proxied(b) == to_b
+        cx2 = per_worker_cx(admin, port)
+        assert all(n > m for n, m in zip(cx2, cx, strict=True)), (cx, cx2)
+
+        # b recovers: traffic comes back to it.
+        del b.raw_responses["/healthz"]
+        wait_flags(admin, {a.port: "healthy", b.port: "healthy"}, p)
+        time.sleep(0.1)
+        for _ in range(20):
+            assert get_close(port) == 200
+        assert proxied(b) > to_b
+    finally:
+        p.kill()
+
+
+def test_reload_changes_hosts_and_workers_follow_the_main_checker(
+    two_upstreams: tuple[HttpUpstream, HttpUpstream], tmp_path: Path
+) -> None:
+    a, b = two_upstreams
+    c = HttpUpstream()
+    c.start()
+    admin, port = free_port(), free_port()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(hc_config(admin, port, a.port, b.port))
+    p = PyEnvoy(config, "--concurrency", "2", "--base-id", str(next(_base_ids)))
+    try:
+        wait_live(admin, p)
+        wait_flags(admin, {a.port: "healthy", b.port: "healthy"}, p)
+        # Reload: b goes, c (new) comes, failing its checks from the start.
+        c.raw_responses["/healthz"] = R503
+        config.write_text(hc_config(admin, port, a.port, c.port))
+        os.kill(p.proc.pid, signal.SIGHUP)
+        wait_flags(admin, {a.port: "healthy", c.port: "/failed_active_hc"}, p)
+        wait_stat(admin, "cluster_manager.cluster_modified", 2, p)  # both workers reloaded
+        for _ in range(20):
+            assert get_close(port) == 200
+        assert proxied(c) == 0  # new and failed in the main process: failed in every worker
+        del c.raw_responses["/healthz"]
+        wait_flags(admin, {a.port: "healthy", c.port: "healthy"}, p)
+        time.sleep(0.1)
+        to_b = proxied(b)
+        for _ in range(30):
+            assert get_close(port) == 200
+        assert proxied(c) > 0 and proxied(b) == to_b
+        assert len({q.conn_id for q in health_checks(c)}) == 1  # checked by one process
+        # Workers that restart after the reload build the reloaded config (with c), not
+        # the one the process started with.
+        workers = wait_children(p.proc.pid, 2)
+        for w in workers:
+            os.kill(w, signal.SIGKILL)
+        wait_children(p.proc.pid, 2, exclude=workers)
+        to_c = proxied(c)
+        for _ in range(30):
+            assert get_close(port) == 200
+        assert proxied(c) > to_c and proxied(b) == to_b
+    finally:
+        p.kill()
+        c.stop()

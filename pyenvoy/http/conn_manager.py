@@ -261,14 +261,16 @@ class ConnectionManager(nf.ReadFilter):
         """Response fully written (or stream reset)."""
         if self.stream is stream:
             self.stream = None
-        if self.drain_pending:
-            self.apply_pending_drain()
         conn = self.connection
         if conn.closed or conn.local_close:
             return
         if stream.close_connection or not stream.keep_alive or self.remote_closed or self.closing:
             conn.close()
             return
+        if self.drain_pending:
+            # This response went out keep-alive, so the client may send another request:
+            # the drain's connection: close goes on the next response, not a close now.
+            self.apply_pending_drain()
         if not stream.request_complete:
             # Responded before the request was fully read: HTTP/1 can't resync, close.
             self.stats.downstream_rq_response_before_rq_complete.value += 1
