@@ -27,8 +27,16 @@ and the memory gauges, which add up all processes.
 
 A worker that exits unexpectedly is restarted (same index, same sockets); more than
 ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW_S`` stop the whole process with status 1.
-Health checks, DNS and config watching run in every worker (each owns its ClusterManager);
-the main process's ClusterManager runs its own health checks too, for admin ``/clusters``.
+
+Active health checking lives in the main process only, as in Envoy: its ClusterManager runs
+the checkers (admin ``/clusters`` shows their flags, ``cluster.<c>.health_check.*`` are its
+own, never summed over workers) and a ``HealthPublisher`` sends every change of a cluster's
+active health flags over the control sockets (op ``host_health``, see
+``pyenvoy.upstream.health_check.encode_health``); a worker's ClusterManager never starts
+checkers and applies what arrives (``RemoteHealth``). A worker gets the whole state in its
+``init`` frame and again once ready; until the main process's first round for a cluster is
+done the worker's init holds as Envoy's does. DNS, xDS files and config reloads still run
+in every worker (each owns its ClusterManager); hosts are matched by address.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from pyenvoy.hot_restart import (
     send_frame,
 )
 from pyenvoy.stats import Histogram
+from pyenvoy.upstream.health_check import HOST_HEALTH_OP, HealthPublisher, RemoteHealth
 
 if TYPE_CHECKING:
     from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
@@ -107,6 +116,11 @@ _SUMMED_SERVER_GAUGES = (
 
 def _max_gauge(name: str) -> bool:
     return name.rpartition(".")[2] in _SAME_IN_EVERY_WORKER or ".circuit_breakers." in name
+
+
+def _main_only(name: str) -> bool:
+    """Stats only the main process keeps (its health checkers'): never taken from workers."""
+    return ".health_check." in name
 
 
 # --------------------------------------------------------------------------- sockets
@@ -284,6 +298,7 @@ class WorkerPool:
         self.count = max(1, int(options.concurrency))
         self.sockets = sockets
         self.on_fatal = on_fatal
+        self._bootstrap = bootstrap
         self._bootstrap_b64 = base64.b64encode(bootstrap.SerializeToString()).decode()
         self.workers: list[_Worker | None] = [None] * self.count
         self.stopping = False
@@ -299,6 +314,9 @@ class WorkerPool:
         self._server_sums: dict[str, int] = {}
         self._last_refresh = 0.0
         self._sent_state: dict[str, Any] = {}
+        self.health: HealthPublisher | None = None
+        if server.cluster_manager is not None:
+            self.health = HealthPublisher(server.cluster_manager, self._send_ready)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -345,8 +363,9 @@ class WorkerPool:
                     "op": "init",
                     "index": index,
                     "options": self.options.to_dict(),
-                    "bootstrap": self._bootstrap_b64,
+                    "bootstrap": self._current_bootstrap(),
                     "sockets": [list(k) for k in keys],
+                    "host_health": self.health.snapshot() if self.health is not None else None,
                 },
                 fds,
             )
@@ -354,6 +373,15 @@ class WorkerPool:
             log.error("worker %d: cannot send its configuration: %s", index, e)
         log.debug("worker %d started (pid %d)", index, proc.pid)
         return _Worker(index, proc, ours)
+
+    def _current_bootstrap(self) -> str:
+        """What a (re)started worker builds: the main process's current config (a reload
+        replaces ``server.bootstrap``), so its clusters and hosts match the main process's."""
+        current = getattr(self.server, "bootstrap", None)
+        if current is not None and current is not self._bootstrap:
+            self._bootstrap = current
+            self._bootstrap_b64 = base64.b64encode(current.SerializeToString()).decode()
+        return self._bootstrap_b64
 
     async def _wait_ready(self, w: _Worker, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -374,6 +402,8 @@ class WorkerPool:
         if w.ctl is not None:
             w.ctl.setblocking(False)
         w.ready = True
+        if self.health is not None:  # what changed while it started
+            w.send(self.health.snapshot())
         if self._sent_state:
             self.sync_admin_state(force_worker=w)
 
@@ -462,9 +492,12 @@ class WorkerPool:
 
     def forward(self, op: str, **args: Any) -> None:
         """Send an admin operation (``drain_listeners``, ``reset_counters``) to every worker."""
+        self._send_ready({"op": op, **args})
+
+    def _send_ready(self, msg: dict[str, Any]) -> None:
         for w in self.workers:
             if w is not None and w.ready:
-                w.send({"op": op, **args})
+                w.send(msg)
 
     def drain(self, drain_time: float, strategy: str) -> None:
         """Hot restart parent: every worker stops accepting and drains; none is restarted."""
@@ -478,6 +511,8 @@ class WorkerPool:
         self.stopping = True
         if self._monitor is not None and self._monitor is not asyncio.current_task():
             self._monitor.cancel()
+        if self.health is not None:
+            self.health.close()
         for w in self.workers:
             if w is not None:
                 w.send({"op": "stop", "drain_time": drain_time})
@@ -592,7 +627,7 @@ class WorkerPool:
                 gauges[name] = gauges.get(name, 0) + v
         counters_set: dict[str, int] = {}
         for name, v in counters.items():
-            if name.startswith("server."):
+            if name.startswith("server.") or _main_only(name):
                 continue
             c = store.counter_from_name(name)
             c.value = v
@@ -601,6 +636,8 @@ class WorkerPool:
             if v:
                 counters_set[name] = v
         self._counters_set = counters_set
+        for name in [n for n in gauges if _main_only(n)]:
+            del gauges[name]
         for name in self._gauges_set - gauges.keys():
             g = store.gauges.get(name)
             if g is not None:
@@ -733,6 +770,10 @@ class _Control:
 
             for component, level in msg.get("log_levels", {}).items():
                 envoy_log.set_level(component, level)
+        elif op == HOST_HEALTH_OP:
+            remote = getattr(self.server.cluster_manager, "remote_health", None)
+            if remote is not None:
+                remote.update(msg)
         elif op == "reset_counters":
             self.server.stats.reset_counters()
         elif op == "drain_listeners":
@@ -766,6 +807,7 @@ async def _worker_serve(
     bootstrap: Bootstrap,
     options: ServerOptions,
     sockets: dict[tuple[str, int], socket.socket],
+    host_health: dict[str, Any] | None = None,
 ) -> int:
     from pyenvoy.server import Server
 
@@ -774,6 +816,12 @@ async def _worker_serve(
     try:
         server = Server(bootstrap, options)
         _rename_worker_stats(server, index)
+        if server.cluster_manager is not None:
+            # The main process runs the health checks; we take its results.
+            remote = RemoteHealth()
+            server.cluster_manager.use_remote_health(remote)
+            if host_health:
+                remote.update(host_health)
         await server.start(inherited_sockets=sockets, admin=False)
     except Exception as e:
         send_frame(ctl, {"op": "failed", "error": f"worker {index}: {e}"})
@@ -825,7 +873,11 @@ def worker_main(argv: list[str]) -> int:
     import uvloop
 
     try:
-        return uvloop.run(_worker_serve(int(msg["index"]), ctl, bootstrap, options, sockets))
+        return uvloop.run(
+            _worker_serve(
+                int(msg["index"]), ctl, bootstrap, options, sockets, msg.get("host_health")
+            )
+        )
     except KeyboardInterrupt:
         return 0
 

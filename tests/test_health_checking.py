@@ -8,6 +8,7 @@ fail on purpose, and watches host health through the admin /clusters page, the
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -799,3 +800,149 @@ def test_multiple_health_checks_need_names() -> None:
     d["health_checks"] = [one, one]
     with pytest.raises(ConfigError, match="all health checks must have a name"):
         ClusterManager([ParseDict(d, ClusterProto())], Store())
+
+
+# --- worker processes: the main process checks, workers follow ------------------------------------
+
+
+class MainAndWorker:
+    """A main-process ClusterManager that health-checks and a worker's that does not, linked
+    the way WorkerPool links them (a HealthPublisher whose messages go through JSON into the
+    worker's RemoteHealth), in one process."""
+
+    def __init__(self, proto: ClusterProto) -> None:
+        self.main = ClusterManager([proto], Store())
+        self.worker = ClusterManager([proto], Store())
+        self.remote = hc_mod.RemoteHealth()
+        self.worker.use_remote_health(self.remote)
+        self.messages: list[dict[str, Any]] = []
+        self.publisher = hc_mod.HealthPublisher(self.main, self._send)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        msg = json.loads(json.dumps(msg))  # what the control socket carries
+        self.messages.append(msg)
+        self.remote.update(msg)
+
+    def hosts(self, cm: ClusterManager) -> dict[int, Host]:
+        c = cm.get("c")
+        assert c is not None
+        return {h.address[1]: h for h in c.hosts}
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.main.close()
+        self.worker.close()
+
+
+async def until(pred: Callable[[], Any], timeout: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met")
+        await asyncio.sleep(0.01)
+
+
+async def test_worker_takes_health_from_the_main_process(upstreams: Any) -> None:
+    a, b, x = upstreams(), upstreams(), upstreams()
+    pair = MainAndWorker(_cluster_proto([a.port, b.port], HTTP_HC))
+    wc = pair.worker.get("c")
+    assert wc is not None
+    try:
+        # The worker's init holds until the main process's first round is done.
+        worker_init = asyncio.ensure_future(pair.worker.initialize())
+        await asyncio.sleep(0.2)
+        assert not worker_init.done()
+        assert a.request_count == b.request_count == 0  # the worker checks nothing itself
+        await pair.main.initialize()
+        await asyncio.wait_for(worker_init, 2)
+        assert all(h.healthy for h in pair.hosts(pair.worker).values())
+        assert wc.health_checker.checkers[0].sessions == {}
+        # One checker: every check the upstreams saw is one of the main process's.
+        await asyncio.sleep(0.2)
+        main_attempts = pair.main.stats_store.scope("cluster.c").counter("health_check.attempt")
+        seen = a.request_count + b.request_count
+        assert seen <= main_attempts.value <= seen + 2
+        assert pair.worker.stats_store.scope("cluster.c").counter("health_check.attempt").value == 0
+        # b fails in the main process: the worker's load balancer drops it at once.
+        b.raw_responses["/healthz"] = R503
+        wb = pair.hosts(pair.worker)[b.port]
+        await until(lambda: wb.health_flags & FAILED_ACTIVE_HC)
+        assert pair.hosts(pair.main)[b.port].health_flags & FAILED_ACTIVE_HC
+        assert {wc.choose_host().address[1] for _ in range(20)} == {a.port}  # type: ignore[union-attr]
+        assert wc.info.stats.membership_healthy.value == 1
+        del b.raw_responses["/healthz"]
+        await until(lambda: wb.healthy)
+        # A host the main process has not checked (not in its config yet) stays failed in
+        # the worker; once the main process has it and checks it, the worker follows.
+        wc.set_hosts([*wc.hosts, Host(("127.0.0.1", x.port), wc.info)])
+        wx = pair.hosts(pair.worker)[x.port]
+        assert wx.health_flags & FAILED_ACTIVE_HC
+        await asyncio.sleep(0.1)
+        assert wx.health_flags & FAILED_ACTIVE_HC and x.request_count == 0
+        mc = pair.main.get("c")
+        assert mc is not None
+        mc.set_hosts([*mc.hosts, Host(("127.0.0.1", x.port), mc.info)])
+        await until(lambda: wx.healthy)
+        assert x.request_count >= 1
+        # Messages carry whole clusters, only when something changed.
+        last = pair.messages[-1]
+        assert last["op"] == "host_health" and last["full"] is False
+        assert sorted(p for _, p, _ in last["clusters"]["c"]["hosts"]) == sorted(
+            [a.port, b.port, x.port]
+        )
+        count = len(pair.messages)
+        await asyncio.sleep(0.2)  # checks keep passing: nothing to send
+        assert len(pair.messages) == count
+    finally:
+        pair.close()
+
+
+async def test_main_process_check_unejects_in_the_worker(upstreams: Any) -> None:
+    a, b = upstreams(), upstreams()
+    proto = _cluster_proto(
+        [a.port, b.port],
+        HTTP_HC,
+        outlier_detection={"max_ejection_percent": 100, "base_ejection_time": "300s"},
+    )
+    pair = MainAndWorker(proto)
+    try:
+        await pair.main.initialize()
+        await pair.worker.initialize()
+        wc = pair.worker.get("c")
+        assert wc is not None
+        wb = pair.hosts(pair.worker)[b.port]
+        for _ in range(5):  # the worker's own outlier detector ejects b
+            wc.outlier.on_upstream_response(wb, 500)
+        assert wb.health_flags & FAILED_OUTLIER_CHECK
+        assert not pair.hosts(pair.main)[b.port].health_flags & FAILED_OUTLIER_CHECK
+        # The main process's next passing check of b brings it back (Envoy's
+        # successful_active_health_check_uneject_host), within PASSED_FLUSH_S.
+        await until(lambda: not wb.health_flags & FAILED_OUTLIER_CHECK, 2)
+        assert any(m["passed"].get("c") for m in pair.messages)
+    finally:
+        pair.close()
+
+
+async def test_worker_snapshot_and_cluster_changes(upstreams: Any) -> None:
+    a = upstreams()
+    pair = MainAndWorker(_cluster_proto([a.port], HTTP_HC))
+    try:
+        await pair.main.initialize()
+        # A worker that starts gets the whole state (every health-checked cluster).
+        snap = pair.publisher.snapshot()
+        assert snap == {
+            "op": "host_health",
+            "full": True,
+            "clusters": {"c": {"initialized": True, "hosts": [["127.0.0.1", a.port, 0]]}},
+            "passed": {},
+        }
+        pair.remote.update(snap)
+        await asyncio.wait_for(pair.worker.initialize(), 1)
+        assert pair.hosts(pair.worker)[a.port].healthy
+        # The cluster goes away in the main process: a full resync forgets it.
+        pair.main.remove("c")
+        await until(lambda: "c" not in pair.remote.clusters)
+        assert pair.messages[-1]["full"] is True and pair.messages[-1]["clusters"] == {}
+    finally:
+        pair.close()

@@ -15,6 +15,11 @@ then swapped into ``clusters`` by name; Host objects of hosts that stay are carr
 settings; the old cluster is retired (timers, health checks, EDS stopped, pools drained so
 requests in flight finish). The router looks clusters up by name per request, so it sees
 the swap at once.
+
+With worker processes the main process's manager runs the health checks and tells
+``health_observer`` (the WorkerPool's HealthPublisher) of every result, host-set change and
+cluster added or removed; a worker's manager (``use_remote_health``) never starts checkers
+and takes the main process's results instead (pyenvoy.upstream.health_check).
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.xds import SubscriptionStats
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.upstream import host as host_module
-from pyenvoy.upstream.host import FAILED_EDS_HEALTH, Host
+from pyenvoy.upstream.host import ACTIVE_HC_FLAGS, FAILED_EDS_HEALTH, Host
 from pyenvoy.upstream.load_balancer import LoadBalancer, LoadBalancerFactory
 
 if TYPE_CHECKING:
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
 
     from pyenvoy.config.xds import DecodedResource, FilesystemSubscription, XdsManager
     from pyenvoy.stats import Store
+    from pyenvoy.upstream.health_check import ClusterHealth, RemoteHealth
 
 log = logging.getLogger("pyenvoy.upstream")
 
@@ -547,6 +554,7 @@ class Cluster:
                 self.info.name,
                 timeout,
             )
+            self.health_checker.end_initialize_hold()
 
     def _schedule_refresh(self) -> None:
         loop = asyncio.get_running_loop()
@@ -678,6 +686,10 @@ class ClusterManager:
         self.staged_names: set[str] | None = None
         self.cds: FilesystemSubscription | None = None
         self.version_info = ""
+        # Main process with workers: hears of active health changes (cluster None: clusters
+        # came or went). Worker: the main process's health results (no checkers here).
+        self.health_observer: Callable[[Cluster | None, Host | None, bool], None] | None = None
+        self.remote_health: RemoteHealth | None = None
         try:
             for i, proto in enumerate(cluster_protos):
                 cpath = f"{path}[{i}]"
@@ -703,9 +715,11 @@ class ClusterManager:
             if len(proto.health_checks):
                 from pyenvoy.upstream.health_check import make_health_checker
 
-                cluster.health_checker = make_health_checker(
+                hc = cluster.health_checker = make_health_checker(
                     cluster, proto.health_checks, f"{path}.health_checks"
                 )
+                hc.observer = self._on_health
+                hc.remote = self.remote_health
             if proto.HasField("outlier_detection"):
                 from pyenvoy.upstream.outlier_detection import make_outlier_detector
 
@@ -719,6 +733,40 @@ class ClusterManager:
 
     def get(self, name: str) -> Cluster | None:
         return self.clusters.get(name)
+
+    # --- active health across processes ----------------------------------------------------
+    def _on_health(self, cluster: Cluster | None, host: Host | None, passed: bool) -> None:
+        observer = self.health_observer
+        if observer is not None:
+            observer(cluster, host, passed)
+
+    def use_remote_health(self, remote: RemoteHealth) -> None:
+        """A worker process: health checks run in the main process and ``remote`` brings
+        their results; this manager's checkers never start. Call before ``initialize``."""
+        self.remote_health = remote
+        for c in (*self.clusters.values(), *self.warming.values()):
+            if c.health_checker is not None:
+                c.health_checker.remote = remote
+
+    def health_state(self, names: Iterable[str] | None = None) -> dict[str, ClusterHealth]:
+        """Active health of every health-checked cluster (or of those in ``names``): the
+        active cluster of a name, else a new one warming with its checks started; with
+        whether its first round is done (or its init stopped waiting for it)."""
+        out: dict[str, ClusterHealth] = {}
+        if names is None:
+            names = self.clusters.keys() | self.warming.keys()
+        for name in names:
+            c = self.clusters.get(name)
+            if c is None:
+                c = self.warming.get(name)
+            hc = c.health_checker if c is not None else None
+            if c is None or hc is None or not c._hc_started:
+                continue
+            out[name] = (
+                hc.initialized,
+                {h.address: h.health_flags & ACTIVE_HC_FLAGS for h in c.hosts},
+            )
+        return out
 
     def has_cluster(self, name: str) -> bool:
         staged = self.staged_names
@@ -780,6 +828,7 @@ class ClusterManager:
             old.retire()
         cluster.start_health_checks()
         self.stats.active_clusters.set(len(self.clusters))
+        self._on_health(None, None, False)
 
     def remove(self, name: str) -> None:
         cluster = self.clusters.pop(name, None)
@@ -788,6 +837,7 @@ class ClusterManager:
         cluster.retire()
         self.stats.cluster_removed.inc()
         self.stats.active_clusters.set(len(self.clusters))
+        self._on_health(None, None, False)
 
     def build_static_changes(
         self, protos: Any, path: str = "static_resources.clusters"

@@ -18,6 +18,13 @@ A change of health flags rebuilds the cluster's load balancer (``cluster.refresh
 and tells the outlier detector (a passing check un-ejects a host). Until each host has been
 checked (Envoy counts one completed check per host) ``wait_initialized()`` stays pending,
 so a server can hold its listeners back as Envoy does.
+
+With worker processes (``--concurrency N``) health checking lives in the main process only,
+as in Envoy (its main thread): ``HealthPublisher`` sends each change of a cluster's active
+health flags (``host.ACTIVE_HC_FLAGS``, by cluster name and host address) over the workers'
+control sockets; in a worker the checkers never start and ``RemoteHealth`` applies what
+arrives through the same ``HealthCheckers._report`` a local transition takes. A worker's new
+cluster holds its init until the main process's first round for it is done.
 """
 
 from __future__ import annotations
@@ -26,14 +33,19 @@ import asyncio
 import logging
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.stats import StatsStruct
 from pyenvoy.upstream import host as host_mod
 from pyenvoy.upstream.health_check_codec import RawConnection, codec_client
-from pyenvoy.upstream.host import DEGRADED_ACTIVE_HC, FAILED_ACTIVE_HC, PENDING_ACTIVE_HC
+from pyenvoy.upstream.host import (
+    ACTIVE_HC_FLAGS,
+    DEGRADED_ACTIVE_HC,
+    FAILED_ACTIVE_HC,
+    PENDING_ACTIVE_HC,
+)
 
 if TYPE_CHECKING:
     from pyenvoy.upstream.cluster_manager import Cluster
@@ -44,8 +56,11 @@ __all__ = [
     "HealthCheckStats",
     "HealthChecker",
     "HealthCheckers",
+    "HealthPublisher",
     "HttpHealthChecker",
+    "RemoteHealth",
     "TcpHealthChecker",
+    "encode_health",
     "make_health_checker",
     "payload_match",
 ]
@@ -1072,7 +1087,12 @@ _CHECKERS: dict[str, type[HealthChecker]] = {
 
 
 class HealthCheckers:
-    """What the cluster holds: its checkers, host-set bookkeeping and init tracking."""
+    """What the cluster holds: its checkers, host-set bookkeeping and init tracking.
+
+    In a worker process (``remote`` set) the checkers never start: the main process runs
+    them and its results arrive through ``RemoteHealth`` into ``apply_remote``, which ends
+    in the same ``_report`` as a local check. In the main process of a worker pool,
+    ``observer`` hears of every check result and host-set change (``HealthPublisher``)."""
 
     def __init__(self, cluster: Cluster, checkers: list[HealthChecker]) -> None:
         self.cluster = cluster
@@ -1081,6 +1101,9 @@ class HealthCheckers:
         self.pending_initialize = 0
         self._initialized: asyncio.Future[None] | None = None
         self._init_done = False
+        # (cluster, host or None for a host-set/init change, the check passed)
+        self.observer: Callable[[Cluster, Host | None, bool], None] | None = None
+        self.remote: RemoteHealth | None = None
         for c in checkers:
             c.callbacks.append(self._on_check_complete)
         # Hosts under active health checking start failed until their first check passes.
@@ -1094,12 +1117,28 @@ class HealthCheckers:
             self.known.add(h)
         return added
 
+    @property
+    def initialized(self) -> bool:
+        """Every host had its first check (or the checks stopped, or the hold timed out)."""
+        return self._init_done
+
+    def end_initialize_hold(self) -> None:
+        """The cluster stopped waiting for the first round (timeout): count it as done."""
+        self._finish_initialize()
+
     # --- seams used by the cluster --------------------------------------------------------
     def start(self) -> None:
         hosts = list(self.cluster.hosts)
         # Hosts a replaced cluster handed over (adopt_hosts) keep their health; the first
         # check decides for them as for any host.
         self.known = set(hosts)
+        remote = self.remote
+        if remote is not None:
+            # A worker: the main process checks; init holds until its first round is done.
+            self.pending_initialize = 1
+            remote.subscribe(self)
+            self.apply_remote()
+            return
         # Envoy's ClusterImplBase::onInitDone: wait for one completed check per host (any
         # host's completions count, as in Envoy).
         self.pending_initialize = len(hosts) * len(self.checkers)
@@ -1111,6 +1150,8 @@ class HealthCheckers:
     def stop(self) -> None:
         for c in self.checkers:
             c.stop()
+        if self.remote is not None:
+            self.remote.unsubscribe(self)
         self._finish_initialize()
 
     def on_hosts_changed(self) -> None:
@@ -1120,8 +1161,16 @@ class HealthCheckers:
         for h in removed:
             self.known.discard(h)
         added = self._mark_new(current)
-        for c in self.checkers:
-            c.on_hosts_changed(added, removed)
+        remote = self.remote
+        if remote is not None:
+            # (the cluster rebuilds its load balancer after this)
+            state = remote.clusters.get(self.cluster.info.name)
+            if state is not None:
+                _apply_flags(added, state[1])
+        else:
+            for c in self.checkers:
+                c.on_hosts_changed(added, removed)
+        self._notify(None, False)
 
     async def wait_initialized(self) -> None:
         """Returns once every host had its first check (Envoy holds cluster init for it)."""
@@ -1139,26 +1188,227 @@ class HealthCheckers:
             if s is not None and not s.destroyed:
                 s.set_unhealthy(PASSIVE, False)
         self.cluster.refresh_health()
+        self._notify(host, False)
+
+    def apply_remote(self, passed: Collection[tuple[str, int]] = ()) -> None:
+        """A worker: take the main process's health state for this cluster (hosts it does
+        not know stay as they are), and its passing checks of ``passed`` addresses."""
+        remote = self.remote
+        state = remote.clusters.get(self.cluster.info.name) if remote is not None else None
+        hosts = self.cluster.hosts
+        changed = state is not None and _apply_flags(hosts, state[1])
+        self._report(changed, [h for h in hosts if h.address in passed] if passed else ())
+        if state is not None and state[0]:
+            self._finish_initialize()
 
     # --- internals ------------------------------------------------------------------------
     def _finish_initialize(self) -> None:
-        self._init_done = True
+        self.pending_initialize = 0
+        if not self._init_done:
+            self._init_done = True
+            self._notify(None, False)
         fut = self._initialized
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    def _on_check_complete(self, host: Host, changed: int, healthy: bool) -> None:
-        if changed == CHANGED:
+    def _notify(self, host: Host | None, passed: bool) -> None:
+        observer = self.observer
+        if observer is not None:
+            observer(self.cluster, host, passed)
+
+    def _report(self, changed: bool, passed: Iterable[Host]) -> None:
+        """One home for what check results do to the cluster, whether this process's
+        checkers made them or the main process's: a health change rebuilds the load
+        balancer, a passing check brings an outlier-ejected host back."""
+        if changed:
             self.cluster.refresh_health()
         outlier = self.cluster.outlier
-        if healthy and outlier is not None:
+        if outlier is not None:
             hook = getattr(outlier, "on_active_health_check_success", None)
             if hook is not None:
-                hook(host)
+                for host in passed:
+                    hook(host)
+
+    def _on_check_complete(self, host: Host, changed: int, healthy: bool) -> None:
+        self._report(changed == CHANGED, (host,) if healthy else ())
+        self._notify(host, healthy)
         if self.pending_initialize > 0:
             self.pending_initialize -= 1
             if self.pending_initialize == 0:
                 self._finish_initialize()
+
+
+def _apply_flags(hosts: Iterable[Host], flags: dict[tuple[str, int], int]) -> bool:
+    """Set each host's active-HC flags to the main process's; a host it has no word on is
+    unchecked, so failed (as every new host under active HC). True if any changed."""
+    changed = False
+    for h in hosts:
+        new = (h.health_flags & ~ACTIVE_HC_FLAGS) | flags.get(h.address, FAILED_ACTIVE_HC)
+        if new != h.health_flags:
+            h.health_flags = new
+            changed = True
+    return changed
+
+
+# --- sharing health with worker processes ----------------------------------------------------
+
+# What a cluster's active health looks like to a worker: (the main process finished its
+# first round, {host address: host.ACTIVE_HC_FLAGS bits}).
+ClusterHealth = tuple[bool, dict[tuple[str, int], int]]
+
+HOST_HEALTH_OP = "host_health"
+PASSED_FLUSH_S = 0.5
+
+
+def encode_health(
+    clusters: dict[str, ClusterHealth],
+    full: bool,
+    passed: dict[str, set[tuple[str, int]]] | None = None,
+) -> dict[str, Any]:
+    """The control-socket message (JSON): ``{"op": "host_health", "full": bool, "clusters":
+    {name: {"initialized": bool, "hosts": [[ip, port, flags], ...]}}, "passed": {name:
+    [[ip, port], ...]}}``. ``full``: every health-checked cluster is listed (others are
+    forgotten); ``passed``: hosts that passed a check since the last message."""
+    return {
+        "op": HOST_HEALTH_OP,
+        "full": full,
+        "clusters": {
+            name: {"initialized": init, "hosts": [[a[0], a[1], f] for a, f in flags.items()]}
+            for name, (init, flags) in clusters.items()
+        },
+        "passed": {name: [list(a) for a in addrs] for name, addrs in (passed or {}).items()},
+    }
+
+
+class RemoteHealth:
+    """A worker's copy of the main process's active health state, by cluster name and host
+    address; every update is applied to this process's health-checked clusters of that
+    name (``HealthCheckers.apply_remote``)."""
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, ClusterHealth] = {}
+        self._subscribers: dict[str, list[HealthCheckers]] = {}
+
+    def subscribe(self, hc: HealthCheckers) -> None:
+        subs = self._subscribers.setdefault(hc.cluster.info.name, [])
+        if hc not in subs:
+            subs.append(hc)
+
+    def unsubscribe(self, hc: HealthCheckers) -> None:
+        name = hc.cluster.info.name
+        subs = self._subscribers.get(name)
+        if subs is not None and hc in subs:
+            subs.remove(hc)
+            if not subs:
+                del self._subscribers[name]
+
+    def update(self, msg: dict[str, Any]) -> None:
+        """Apply one ``encode_health`` message."""
+        clusters: dict[str, ClusterHealth] = {
+            str(name): (
+                bool(c.get("initialized")),
+                {(str(ip), int(port)): int(flags) for ip, port, flags in c.get("hosts", ())},
+            )
+            for name, c in (msg.get("clusters") or {}).items()
+        }
+        passed = {
+            str(name): {(str(ip), int(port)) for ip, port in addrs}
+            for name, addrs in (msg.get("passed") or {}).items()
+        }
+        if msg.get("full"):
+            self.clusters = clusters
+        else:
+            self.clusters.update(clusters)
+        for name in clusters.keys() | passed.keys():
+            for hc in list(self._subscribers.get(name, ())):
+                hc.apply_remote(passed.get(name, ()))
+
+
+class HealthPublisher:
+    """The main process's side: watches its cluster manager's health checks and sends every
+    change of a cluster's active health state (the whole cluster, deduplicated, batched per
+    loop iteration) through ``send``; passing checks of clusters with outlier detection go
+    out every ``PASSED_FLUSH_S`` (they un-eject hosts in the workers)."""
+
+    def __init__(self, cluster_manager: Any, send: Callable[[dict[str, Any]], None]) -> None:
+        self.cm = cluster_manager
+        self.send = send
+        self.sent: dict[str, ClusterHealth] = {}
+        self.dirty: set[str] = set()
+        self.resync = True
+        self.passed: dict[str, set[tuple[str, int]]] = {}
+        self._handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._handle_soon = False
+        cluster_manager.health_observer = self.on_health
+
+    def close(self) -> None:
+        if self.cm.health_observer == self.on_health:
+            self.cm.health_observer = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def on_health(self, cluster: Cluster | None, host: Host | None, passed: bool) -> None:
+        """``ClusterManager.health_observer``: ``cluster`` None means clusters came or went."""
+        if cluster is None:
+            self.resync = True
+        else:
+            name = cluster.info.name
+            if host is None:
+                self.dirty.add(name)
+            else:
+                sent = self.sent.get(name)
+                if sent is None or sent[1].get(host.address) != (
+                    host.health_flags & ACTIVE_HC_FLAGS
+                ):
+                    self.dirty.add(name)
+                if passed and cluster.outlier is not None:
+                    self.passed.setdefault(name, set()).add(host.address)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        soon = self.resync or bool(self.dirty)
+        if not soon and not self.passed:
+            return
+        if self._handle is not None and (self._handle_soon or not soon):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle_soon = soon
+        self._handle = (
+            loop.call_soon(self.flush) if soon else loop.call_later(PASSED_FLUSH_S, self.flush)
+        )
+
+    def flush(self) -> None:
+        """Send what changed since the last message (nothing if nothing did)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        full = self.resync
+        if full:
+            clusters = self.cm.health_state()
+            changed = clusters
+        else:
+            clusters = self.cm.health_state(self.dirty) if self.dirty else {}
+            changed = {n: s for n, s in clusters.items() if self.sent.get(n) != s}
+        passed, self.passed = self.passed, {}
+        self.resync = False
+        self.dirty.clear()
+        if full:
+            self.sent = clusters
+        else:
+            self.sent.update(changed)
+        if full or changed or passed:
+            self.send(encode_health(changed, full, passed))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole current state, for a worker that starts (after a flush to the others)."""
+        self.flush()
+        return encode_health(self.sent, True)
 
 
 def make_health_checker(cluster: Cluster, protos: Any, path: str) -> HealthCheckers:

@@ -23,6 +23,15 @@ PENDING_DYNAMIC_REMOVAL = 1 << 4
 PENDING_ACTIVE_HC = 1 << 5
 EXCLUDED_VIA_IMMEDIATE_HC_FAIL = 1 << 6
 ACTIVE_HC_TIMEOUT = 1 << 7
+# The flags active health checking owns: with worker processes the main process runs the
+# checks and sends exactly these bits to the workers (the others stay each process's own).
+ACTIVE_HC_FLAGS = (
+    FAILED_ACTIVE_HC
+    | DEGRADED_ACTIVE_HC
+    | PENDING_ACTIVE_HC
+    | EXCLUDED_VIA_IMMEDIATE_HC_FAIL
+    | ACTIVE_HC_TIMEOUT
+)
 
 _FLAG_TEXT = (
     (FAILED_ACTIVE_HC, "/failed_active_hc"),
