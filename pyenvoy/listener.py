@@ -20,6 +20,7 @@ uses to change everything or nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -100,17 +101,89 @@ def listener_stat_address(host: str, port: int) -> str:
 INBOUND = 1  # envoy.config.core.v3.TrafficDirection
 
 
+# accept() errors that mean "out of resources": stop accepting for a moment (like asyncio).
+_ACCEPT_RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_ACCEPT_RETRY_DELAY_S = 1.0
+
+
 class _Acceptor:
-    """The protocol factory of one listening socket; re-pointed when a listener is replaced."""
+    """Accepts on one listening socket; each connection runs the chain of the listener the
+    acceptor points at (re-pointed when a listener is replaced).
 
-    __slots__ = ("listener",)
+    Every readable event accepts all pending connections (Envoy's default; its listener's
+    ``max_connections_to_accept_per_socket_event`` caps the batch). uvloop's own servers take
+    ONE connection per event-loop iteration (libuv), so on a busy loop a burst of new
+    connections waited in the kernel's accept queue: a wrk start with 256 connections was
+    accepted over ~1.6 s, one every 4-10 ms, and those first requests waited as long."""
 
-    def __init__(self, listener: Listener) -> None:
+    __slots__ = ("listener", "sock", "_loop", "_fd", "_limit", "_paused", "closed")
+
+    def __init__(self, listener: Listener, sock: socket.socket, limit: int) -> None:
         self.listener = listener
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._limit = limit
+        self._paused: asyncio.TimerHandle | None = None
+        self.closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(self._fd, self._on_readable)
 
     def __call__(self) -> Connection:
         lst = self.listener
         return Connection(lst.filter_factories, lst, lst.buffer_limit)
+
+    def _on_readable(self) -> None:
+        accept = self.sock.accept
+        loop = self._loop
+        n = self._limit
+        while n != 0:
+            try:
+                conn, _addr = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno in _ACCEPT_RESOURCE_ERRNOS:
+                    log.error(
+                        "listener '%s': accept failed (%s); retrying in %.0f s",
+                        self.listener.name,
+                        e.strerror,
+                        _ACCEPT_RETRY_DELAY_S,
+                    )
+                    loop.remove_reader(self._fd)
+                    self._paused = loop.call_later(_ACCEPT_RETRY_DELAY_S, self._resume)
+                else:
+                    log.error("listener '%s': accept failed: %s", self.listener.name, e)
+                return
+            conn.setblocking(False)
+            loop.create_task(loop.connect_accepted_socket(self, conn)).add_done_callback(
+                _adopted
+            )
+            n -= 1
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self.closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (the kernel's queue with it)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._paused is not None:
+            self._paused.cancel()
+        else:
+            self._loop.remove_reader(self._fd)
+        self.sock.close()
+
+
+def _adopted(task: asyncio.Task[Any]) -> None:
+    """A connection that could not be set up (reset before it was adopted) is just gone."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("accepted connection dropped: %r", task.exception())
 
 
 def _without_chains(proto: Any) -> bytes:
@@ -184,6 +257,12 @@ class Listener:
             else DEFAULT_BUFFER_LIMIT
         )
         self.backlog = proto.tcp_backlog_size.value if proto.HasField("tcp_backlog_size") else 1024
+        # Envoy: no limit unless max_connections_to_accept_per_socket_event is set (-1 here).
+        self.max_accept_per_event = (
+            proto.max_connections_to_accept_per_socket_event.value
+            if proto.HasField("max_connections_to_accept_per_socket_event")
+            else -1
+        )
         self.stat_prefix = proto.stat_prefix or listener_stat_address(self.host, self.port)
         self.scope = stats.scope(f"listener.{self.stat_prefix}")
         self.stats = ListenerStats(self.scope)
@@ -222,9 +301,9 @@ class Listener:
         # RDS providers the chain's HCMs acquired: released when this listener is gone.
         self.rds: list[Any] = []
         self.filter_factories = self._build_chain(chain, cpath, stats, cluster_manager, server)
-        self.server: asyncio.AbstractServer | None = None
+        # The accept loop while this listener serves (moves to a replacing listener).
+        self.server: _Acceptor | None = None
         self.socket: socket.socket | None = None
-        self.acceptor: _Acceptor | None = None
         self.local_address: tuple[str, int] | None = None
         self.connections: set[Connection] = set()
         self.drain: DrainSequence | None = None
@@ -340,11 +419,7 @@ class Listener:
     async def serve(self) -> None:
         """Start accepting on the bound socket."""
         assert self.socket is not None
-        loop = asyncio.get_running_loop()
-        self.acceptor = _Acceptor(self)
-        self.server = await loop.create_server(
-            self.acceptor, sock=self.socket, backlog=self.backlog
-        )
+        self.server = _Acceptor(self, self.socket, self.max_accept_per_event)
         assert self.local_address is not None
         log.info(
             "listener '%s' bound to %s:%d", self.name, self.local_address[0], self.local_address[1]
@@ -356,11 +431,11 @@ class Listener:
 
     def take_over(self, old: Listener) -> None:
         """Serve ``old``'s socket: its acceptor now creates connections with this chain."""
-        self.server, self.socket, self.acceptor = old.server, old.socket, old.acceptor
+        self.server, self.socket = old.server, old.socket
         self.local_address = old.local_address
-        old.server = old.socket = old.acceptor = None
-        if self.acceptor is not None:
-            self.acceptor.listener = self
+        old.server = old.socket = None
+        if self.server is not None:
+            self.server.listener = self
 
     def close_socket(self) -> None:
         """Close a socket that was bound but never served (a rejected change)."""
@@ -417,7 +492,6 @@ class Listener:
             self.server.close()
             self.server = None
             self.socket = None
-            self.acceptor = None
         else:
             self.close_socket()
 
