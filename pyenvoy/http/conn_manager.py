@@ -261,21 +261,26 @@ class ConnectionManager(nf.ReadFilter):
         """Response fully written (or stream reset)."""
         if self.stream is stream:
             self.stream = None
+        if not stream.request_complete:
+            # Responded before the request was fully read (the reply said connection: close,
+            # see send_local_reply): HTTP/1 can't resync, so the connection closes below.
+            self.stats.downstream_rq_response_before_rq_complete.value += 1
         conn = self.connection
         if conn.closed or conn.local_close:
             return
-        if stream.close_connection or not stream.keep_alive or self.remote_closed or self.closing:
+        if (
+            stream.close_connection
+            or not stream.keep_alive
+            or self.remote_closed
+            or self.closing
+            or not stream.request_complete
+        ):
             conn.close()
             return
         if self.drain_pending:
             # This response went out keep-alive, so the client may send another request:
             # the drain's connection: close goes on the next response, not a close now.
             self.apply_pending_drain()
-        if not stream.request_complete:
-            # Responded before the request was fully read: HTTP/1 can't resync, close.
-            self.stats.downstream_rq_response_before_rq_complete.value += 1
-            conn.close()
-            return
         if self.parser.paused:
             try:
                 self.parser.resume()

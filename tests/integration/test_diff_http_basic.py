@@ -246,6 +246,24 @@ def test_no_route_404(proxy: ProxyProcess) -> None:
     assert [r.status for r in ex2.responses] == [404, 200]
 
 
+def test_reply_before_request_body_complete_closes(proxy: ProxyProcess) -> None:
+    # A local reply while the request body is still arriving: connection: close, the
+    # connection closes after it, and Envoy counts downstream_rq_response_before_rq_complete.
+    name = "http.ingress_http.downstream_rq_response_before_rq_complete"
+    before = proxy.stats().get(name, 0)
+    with socket.create_connection(("127.0.0.1", proxy.listener_port), timeout=5) as s:
+        s.sendall(b"POST /nothing/here HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
+        head = data.split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 404 not found")
+        assert b"\r\nconnection: close" in head
+    proxy.wait_stat(name, before + 1)
+
+
 def test_no_healthy_upstream_503(proxy: ProxyProcess) -> None:
     ex = exchange(proxy.listener_port, b"GET /nohost HTTP/1.1\r\nHost: a\r\n\r\n")
     assert_local_reply(ex.response, 503, "Service Unavailable", b"no healthy upstream")

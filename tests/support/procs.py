@@ -224,12 +224,14 @@ class ProxyProcess:
         return prometheus_samples(body.decode())
 
     def wait_stat(self, name: str, value: int, timeout: float = 5.0) -> dict[str, Any]:
-        """Poll ``/stats`` until ``name == value``; returns the last stats dict."""
+        """Poll ``/stats`` until ``name == value`` (AssertionError after ``timeout``);
+        returns the stats dict that had it."""
         deadline = time.monotonic() + timeout
         stats = self.stats()
         while stats.get(name) != value and time.monotonic() < deadline:
             time.sleep(0.02)
             stats = self.stats()
+        assert stats.get(name) == value, f"{self.kind}: {name} is {stats.get(name)}, not {value}"
         return stats
 
 
