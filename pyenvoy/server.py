@@ -117,7 +117,14 @@ def _check_bootstrap(bootstrap: Bootstrap) -> None:
 class Server:
     """A running (or buildable) pyenvoy instance for one Bootstrap."""
 
-    def __init__(self, bootstrap: Bootstrap, options: ServerOptions | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: Bootstrap,
+        options: ServerOptions | None = None,
+        remote_xds_files: dict[str, Any] | None = None,
+    ) -> None:
+        """``remote_xds_files``: a worker process; xDS file contents come from the main
+        process (pyenvoy.workers), starting with these, and no file is watched here."""
         self.bootstrap = bootstrap
         if options is None:
             from pyenvoy.options import ServerOptions
@@ -143,7 +150,7 @@ class Server:
         self.stats_refreshers: list[Any] = []
         self.bootstrap_loaded_at = time.time()
         # Filesystem xDS (LDS/CDS/RDS/EDS) and the shared RDS providers.
-        self.xds = XdsManager(self)
+        self.xds = XdsManager(self, remote_files=remote_xds_files)
         self.route_config_providers = RouteConfigProviderManager(self)
         # One config change at a time (LDS, CDS, reload); created on the running loop.
         self.config_lock: asyncio.Lock | None = None

@@ -35,8 +35,21 @@ active health flags over the control sockets (op ``host_health``, see
 ``pyenvoy.upstream.health_check.encode_health``); a worker's ClusterManager never starts
 checkers and applies what arrives (``RemoteHealth``). A worker gets the whole state in its
 ``init`` frame and again once ready; until the main process's first round for a cluster is
-done the worker's init holds as Envoy's does. DNS, xDS files and config reloads still run
-in every worker (each owns its ClusterManager); hosts are matched by address.
+done the worker's init holds as Envoy's does. DNS and config reloads still run in every
+worker (each owns its ClusterManager); hosts are matched by address.
+
+Filesystem xDS (LDS/CDS/EDS/RDS files) is watched and read in the main process only: its
+XdsManager records the bytes of every read and a ``FilePublisher`` sends each new read
+(after a change of the file, or new content) to every worker (op ``xds_file``, see
+``pyenvoy.config.xds.encode_file``); a worker's XdsManager watches no file and runs the
+pushed bytes through the same parse/validate/apply steps as a local read. A worker's
+``init`` frame carries the current content of every file (so it builds the same config),
+and once ready it gets what was read meanwhile. The main process does not take LDS
+listeners (they are the workers'); it reads the LDS file and mirrors the RDS files its
+listeners name, so the workers get those too. Config-update stats
+(``*.update_attempt|success|rejected|failure|empty``, ``config_reload``, ``update_time``
+...) count each update once, as Envoy's single subscription does: every worker applies
+the same update, so ``/stats`` shows their maximum, not their sum.
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.config.errors import ConfigError
+from pyenvoy.config.xds import XDS_FILE_OP, FilePublisher, decode_file
 from pyenvoy.hot_restart import (
     FrameDecoder,
     drain_listeners,
@@ -116,6 +130,33 @@ _SUMMED_SERVER_GAUGES = (
 
 def _max_gauge(name: str) -> bool:
     return name.rpartition(".")[2] in _SAME_IN_EVERY_WORKER or ".circuit_breakers." in name
+
+
+# Config-update stats of xDS subscriptions (lds/cds/rds/eds): every worker applies the same
+# pushed update, so the process counts it once (the maximum over workers), as Envoy does.
+_CONFIG_UPDATE_STATS = frozenset(
+    (
+        "update_attempt",
+        "update_failure",
+        "update_rejected",
+        "update_success",
+        "update_empty",
+        "update_no_rebuild",
+        "update_time",
+        "init_fetch_timeout",
+        "config_reload",
+        "config_reload_time_ms",
+    )
+)
+
+
+def _once_per_update(name: str) -> bool:
+    if name.rpartition(".")[2] not in _CONFIG_UPDATE_STATS:
+        return False
+    return (
+        name.startswith(("listener_manager.lds.", "cluster_manager.cds.", "cluster."))
+        or ".rds." in name
+    )
 
 
 def _main_only(name: str) -> bool:
@@ -231,7 +272,17 @@ class _MergedHistogram(Histogram):
 
 
 class _Worker:
-    __slots__ = ("index", "proc", "ctl", "decoder", "seq", "snapshot", "ready", "started")
+    __slots__ = (
+        "index",
+        "proc",
+        "ctl",
+        "decoder",
+        "seq",
+        "snapshot",
+        "ready",
+        "started",
+        "xds_generation",
+    )
 
     def __init__(self, index: int, proc: subprocess.Popen[bytes], ctl: socket.socket) -> None:
         self.index = index
@@ -242,6 +293,7 @@ class _Worker:
         self.snapshot: dict[str, Any] = {}
         self.ready = False
         self.started = time.monotonic()
+        self.xds_generation: dict[str, int] = {}
 
     def send(self, msg: dict[str, Any]) -> bool:
         if self.ctl is None:
@@ -317,10 +369,29 @@ class WorkerPool:
         self.health: HealthPublisher | None = None
         if server.cluster_manager is not None:
             self.health = HealthPublisher(server.cluster_manager, self._send_ready)
+        self.xds_files: FilePublisher | None = None
+        if server.xds.record:
+            self.xds_files = FilePublisher(server.xds, self._send_ready)
+
+    def _watch_lds_files(self) -> None:
+        """The workers run the LDS listeners; this process reads the LDS file for them and
+        mirrors the RDS files those listeners name (without applying either)."""
+        lm = self.server.listener_manager
+        lds = getattr(lm, "lds", None)
+        if lds is None or self.xds_files is None or lds in self.server.xds.subscriptions:
+            return
+        xds = self.server.xds
+
+        def route_files(resources: list[Any], version_info: str) -> None:
+            xds.mirror(_rds_files(resources))
+
+        lds.callback = route_files
+        lds.start()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start every worker and wait until each serves; ConfigError if one cannot."""
+        self._watch_lds_files()
         for i in range(self.count):
             self.workers[i] = self._spawn(i)
         results = await asyncio.gather(
@@ -356,6 +427,10 @@ class WorkerPool:
             for socks in self.sockets.values()
         ]
         ours.settimeout(STATS_TIMEOUT_S * 5)
+        xds_files: list[dict[str, Any]] = []
+        generation: dict[str, int] = {}
+        if self.xds_files is not None:
+            xds_files, generation = self.xds_files.snapshot()
         try:
             send_frame(
                 ours,
@@ -366,13 +441,16 @@ class WorkerPool:
                     "bootstrap": self._current_bootstrap(),
                     "sockets": [list(k) for k in keys],
                     "host_health": self.health.snapshot() if self.health is not None else None,
+                    "xds_files": xds_files,
                 },
                 fds,
             )
         except OSError as e:
             log.error("worker %d: cannot send its configuration: %s", index, e)
         log.debug("worker %d started (pid %d)", index, proc.pid)
-        return _Worker(index, proc, ours)
+        w = _Worker(index, proc, ours)
+        w.xds_generation = generation
+        return w
 
     def _current_bootstrap(self) -> str:
         """What a (re)started worker builds: the main process's current config (a reload
@@ -404,6 +482,9 @@ class WorkerPool:
         w.ready = True
         if self.health is not None:  # what changed while it started
             w.send(self.health.snapshot())
+        if self.xds_files is not None:  # files read while it started
+            for msg in self.xds_files.since(w.xds_generation):
+                w.send(msg)
         if self._sent_state:
             self.sync_admin_state(force_worker=w)
 
@@ -459,6 +540,9 @@ class WorkerPool:
         """Keep a dead worker's counters and histograms in the totals."""
         snap = w.snapshot
         for name, v in snap.get("c", {}).items():
+            if _once_per_update(name):  # the other workers counted the same updates
+                self.retired_counters[name] = max(self.retired_counters.get(name, 0), v)
+                continue
             self.retired_counters[name] = self.retired_counters.get(name, 0) + v
         for name, (counts, hsum, count) in snap.get("h", {}).items():
             prev = self.retired_histograms.get(name)
@@ -513,6 +597,8 @@ class WorkerPool:
             self._monitor.cancel()
         if self.health is not None:
             self.health.close()
+        if self.xds_files is not None:
+            self.xds_files.close()
         for w in self.workers:
             if w is not None:
                 w.send({"op": "stop", "drain_time": drain_time})
@@ -600,13 +686,16 @@ class WorkerPool:
         used: set[str] = set()
         for snap in snaps:
             for name, v in snap.get("c", {}).items():
+                if name in counters and _once_per_update(name):
+                    counters[name] = max(counters[name], v)
+                    continue
                 counters[name] = counters.get(name, 0) + v
             for name, v in snap.get("g", {}).items():
                 if name.startswith("server."):
                     if name in _SUMMED_SERVER_GAUGES:
                         server_sums[name] = server_sums.get(name, 0) + v
                     continue
-                if name in gauges and _max_gauge(name):
+                if name in gauges and (_max_gauge(name) or _once_per_update(name)):
                     gauges[name] = max(gauges[name], v)
                 else:
                     gauges[name] = gauges.get(name, 0) + v
@@ -692,6 +781,37 @@ def snapshot(server: Any) -> dict[str, Any]:
     return {"c": c, "g": g, "h": h, "u": u}
 
 
+_HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _rds_files(resources: list[Any]) -> dict[str, tuple[str | None, str]]:
+    """The RDS files named by the HTTP connection managers of LDS listener resources,
+    ``{path: (watched_directory, type_url)}`` (what a worker applying them subscribes to)."""
+    from pyenvoy.config import unpack_any
+    from pyenvoy.config.xds import TYPE_ROUTE, path_source
+
+    out: dict[str, tuple[str | None, str]] = {}
+    for r in resources:
+        listener = r.message
+        chains = list(listener.filter_chains)
+        if listener.HasField("default_filter_chain"):
+            chains.append(listener.default_filter_chain)
+        for chain in chains:
+            for f in chain.filters:
+                if not f.HasField("typed_config") or not f.typed_config.type_url.endswith(
+                    _HCM_TYPE
+                ):
+                    continue
+                try:
+                    hcm = unpack_any(f.typed_config)
+                    if hcm.HasField("rds"):  # type: ignore[attr-defined]
+                        path, wd = path_source(hcm.rds.config_source, "rds")  # type: ignore[attr-defined]
+                        out[path] = (wd, TYPE_ROUTE)
+                except Exception:  # the workers reject it with the reason
+                    continue
+    return out
+
+
 def _bind_later_listeners_with_reuse_port() -> None:
     """In a worker, a listener added later (LDS, reload) is bound by each worker itself:
     with SO_REUSEPORT (Envoy's default) they can all bind its address."""
@@ -770,6 +890,8 @@ class _Control:
 
             for component, level in msg.get("log_levels", {}).items():
                 envoy_log.set_level(component, level)
+        elif op == XDS_FILE_OP:
+            self.server.xds.push(msg)
         elif op == HOST_HEALTH_OP:
             remote = getattr(self.server.cluster_manager, "remote_health", None)
             if remote is not None:
@@ -808,13 +930,16 @@ async def _worker_serve(
     options: ServerOptions,
     sockets: dict[tuple[str, int], socket.socket],
     host_health: dict[str, Any] | None = None,
+    xds_files: list[dict[str, Any]] | None = None,
 ) -> int:
     from pyenvoy.server import Server
 
     loop = asyncio.get_running_loop()
     _bind_later_listeners_with_reuse_port()
     try:
-        server = Server(bootstrap, options)
+        # xDS files come from the main process (op xds_file), never read here.
+        files = {str(m.get("path", "")): decode_file(m) for m in xds_files or ()}
+        server = Server(bootstrap, options, remote_xds_files=files)
         _rename_worker_stats(server, index)
         if server.cluster_manager is not None:
             # The main process runs the health checks; we take its results.
@@ -875,7 +1000,13 @@ def worker_main(argv: list[str]) -> int:
     try:
         return uvloop.run(
             _worker_serve(
-                int(msg["index"]), ctl, bootstrap, options, sockets, msg.get("host_health")
+                int(msg["index"]),
+                ctl,
+                bootstrap,
+                options,
+                sockets,
+                msg.get("host_health"),
+                msg.get("xds_files"),
             )
         )
     except KeyboardInterrupt:

@@ -467,3 +467,163 @@ def test_reload_changes_hosts_and_workers_follow_the_main_checker(
     finally:
         p.kill()
         c.stop()
+
+
+# --- filesystem xDS with workers: the main process reads, the workers apply what it sends ---
+
+XDS_CONFIG = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+node: {{id: n1, cluster: c1}}
+dynamic_resources:
+  cds_config: {{path_config_source: {{path: {cds}}}}}
+  lds_config: {{path_config_source: {{path: {lds}}}}}
+static_resources:
+  listeners:
+  - name: static
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          rds:
+            route_config_name: local_route
+            config_source: {{path_config_source: {{path: {rds}}}}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def _route_response(version: str, name: str, body: str) -> str:
+    return (
+        f"version_info: {version}\n"
+        "resources:\n"
+        '- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration\n'
+        f"  name: {name}\n"
+        '  virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, '
+        f"direct_response: {{status: 200, body: {{inline_string: {body}}}}}}}]}}]\n"
+    )
+
+
+def _replace(path: Path, text: str) -> None:
+    """An atomic replace: write a temporary file, rename it over the watched one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.rename(tmp, path)
+
+
+def _bodies(port: int, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Connection": "close"})
+            out.append(conn.getresponse().read().decode())
+        finally:
+            conn.close()
+    return out
+
+
+def _wait_bodies(port: int, body: str, timeout: float = 5.0) -> float:
+    """Seconds until 20 requests on new connections all answer ``body``."""
+    t0 = time.monotonic()
+    while True:
+        got = _bodies(port, 20)
+        if set(got) == {body}:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"still {sorted(set(got))} after {timeout}s, wanted {body}")
+        time.sleep(0.05)
+
+
+def test_xds_files_read_by_main_process_and_pushed_to_workers(tmp_path: Path) -> None:
+    admin, port, lds_port = free_port(), free_port(), free_port()
+    rds, rds2 = tmp_path / "rds.yaml", tmp_path / "rds2.yaml"
+    cds, lds = tmp_path / "cds.yaml", tmp_path / "lds.yaml"
+    rds.write_text(_route_response("r1", "local_route", "one"))
+    rds2.write_text(_route_response("s1", "lds_route", "lds-one"))
+    cds.write_text(
+        "version_info: c1\nresources:\n"
+        '- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster\n'
+        "  name: dyn\n  connect_timeout: 1s\n"
+    )
+    lds.write_text(
+        "version_info: l1\nresources:\n"
+        '- "@type": type.googleapis.com/envoy.config.listener.v3.Listener\n'
+        "  name: from_lds\n"
+        f"  address: {{socket_address: {{address: 127.0.0.1, port_value: {lds_port}}}}}\n"
+        "  filter_chains:\n  - filters:\n"
+        "    - name: envoy.filters.network.http_connection_manager\n"
+        f'      typed_config: {{"@type": {_HCM}, stat_prefix: lds_ingress, '
+        f"rds: {{route_config_name: lds_route, config_source: "
+        f"{{path_config_source: {{path: {rds2}}}}}}}, "
+        f'http_filters: [{{name: router, typed_config: {{"@type": {_ROUTER}}}}}]}}\n'
+    )
+    config = tmp_path / "envoy.yaml"
+    config.write_text(XDS_CONFIG.format(admin_port=admin, port=port, rds=rds, cds=cds, lds=lds))
+    p = PyEnvoy(config, "--concurrency", "2", "--base-id", str(next(_base_ids)))
+    stopped = False
+    try:
+        wait_stat(admin, "listener_manager.workers_started", 1, p)
+        workers = wait_children(p.proc.pid, 2)
+        assert set(_bodies(port, 20)) == {"one"}
+        _wait_bodies(lds_port, "lds-one")
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        # Each update counts once (the workers' maximum), not once per worker.
+        assert stats["cluster_manager.cds.update_success"] == 1
+        assert stats["cluster_manager.cds.update_attempt"] == 1
+        assert stats["listener_manager.lds.update_success"] == 1
+        assert stats["http.ingress.rds.local_route.update_success"] == 1
+        assert stats["http.lds_ingress.rds.lds_route.update_success"] == 1
+        assert stats["cluster_manager.active_clusters"] == 1
+
+        # With the main process stopped, a changed file reaches no worker: they do not
+        # watch files themselves.
+        os.kill(p.proc.pid, signal.SIGSTOP)
+        stopped = True
+        _replace(rds, _route_response("r2", "local_route", "two"))
+        _replace(rds2, _route_response("s2", "lds_route", "lds-two"))
+        time.sleep(1.2)  # well over the 250 ms poll interval
+        assert set(_bodies(port, 20)) == {"one"}
+        assert set(_bodies(lds_port, 10)) == {"lds-one"}
+        os.kill(p.proc.pid, signal.SIGCONT)
+        stopped = False
+        assert _wait_bodies(port, "two") < 2.0
+        _wait_bodies(lds_port, "lds-two")
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        assert stats["http.ingress.rds.local_route.update_success"] == 2
+        assert stats["http.ingress.rds.local_route.update_attempt"] == 2
+        assert stats["http.ingress.rds.local_route.config_reload"] == 2
+        assert stats["http.lds_ingress.rds.lds_route.update_success"] == 2
+
+        # A worker killed and restarted builds the current (updated) config.
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_children(p.proc.pid, 2, exclude={victim})
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            s = read_stats(f"http://127.0.0.1:{admin}")
+            if s.get("listener_manager.workers_started") == 1 and len(children(p.proc.pid)) == 2:
+                try:
+                    if set(_bodies(port, 40)) == {"two"}:
+                        break
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        got = _bodies(port, 40)  # spread over both workers by SO_REUSEPORT
+        assert set(got) == {"two"}, got
+        _wait_bodies(lds_port, "lds-two")
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        assert stats["http.ingress.rds.local_route.update_success"] == 2
+        assert stats["cluster_manager.cds.update_success"] == 1
+    finally:
+        if stopped:
+            os.kill(p.proc.pid, signal.SIGCONT)
+        p.kill()

@@ -753,3 +753,108 @@ async def test_legacy_path_and_json_files(tmp_path: Path, running: list[Server])
     )
     await wait_until(lambda: stat(server, "listener_manager.lds.update_success") == 2, what="j2")
     assert (await get(bound_port(server, "l1"), "/dr"))[2] == b"json2"
+
+
+# ---- worker processes: the main process reads, workers apply what it pushes ---------------
+
+
+async def test_main_process_publishes_reads_and_a_worker_applies_them(tmp_path: Path) -> None:
+    from pyenvoy.config.xds import (
+        XDS_FILE_OP,
+        FilePublisher,
+        SubscriptionStats,
+        XdsManager,
+        decode_file,
+    )
+    from pyenvoy.stats import Store
+
+    path = tmp_path / "rds.yaml"
+    write_response(path, "r1", ROUTE_TYPE, [route_config("local_route", "one")])
+    source = load_bootstrap(
+        None, json.dumps({"dynamic_resources": {"cds_config": {"path": str(path)}}})
+    ).dynamic_resources.cds_config
+
+    class FakeServer:
+        node = None
+        options = ServerOptions(concurrency=2)
+
+    # The main process: records what it reads, publishes new reads once per loop turn.
+    main = XdsManager(FakeServer())
+    assert main.record
+    sent: list[dict[str, Any]] = []
+    publisher = FilePublisher(main, sent.append)
+    main_applied: list[str] = []
+    main_stats = SubscriptionStats(Store().scope("main"))
+    msub = main.subscribe(source, ROUTE_TYPE, lambda r, v: main_applied.append(v), main_stats, "x")
+    msub.start()
+    main.watcher.start()
+    assert main_applied == ["r1"] and len(main.watcher.watches) == 1
+    files, generation = publisher.snapshot()
+    assert [f["op"] for f in files] == [XDS_FILE_OP] and sent == [files[0]]
+
+    # A worker starts from that snapshot: no watch, the same parse/apply step.
+    worker = XdsManager(None, remote_files={f["path"]: decode_file(f) for f in files})
+    assert not worker.record
+    applied: list[tuple[str, str]] = []
+    stats = SubscriptionStats(Store().scope("w"))
+
+    def apply(resources: list[Any], version: str) -> None:
+        if (
+            resources[0].message.virtual_hosts[0].routes[0].direct_response.body.inline_string
+            == "bad"
+        ):
+            raise ConfigError("bad route")
+        applied.append((version, resources[0].name))
+
+    wsub = worker.subscribe(source, ROUTE_TYPE, apply, stats, "x")
+    wsub.start()
+    worker.watcher.start()
+    assert applied == [("r1", "local_route")] and worker.watcher.watches == []
+    assert stats.update_success.value == 1 and stats.version_text.value == "r1"
+
+    # The file changes: the main process's watch reads it and the worker applies the push.
+    write_atomic(
+        path,
+        json.dumps(
+            {
+                "version_info": "r2",
+                "resources": [{"@type": ROUTE_TYPE, **route_config("local_route", "bad")}],
+            }
+        ),
+    )
+    main.watcher.check_now()
+    publisher.flush()
+    assert main_applied[-1] == "r2" and publisher.since(generation) == [sent[-1]]
+    for msg in sent[1:]:
+        worker.push(msg)
+    assert applied == [("r1", "local_route")]  # rejected there as here
+    assert stats.update_rejected.value == 1 and stats.update_attempt.value == 2
+    # An unreadable file is forwarded as such: update_failure in the worker.
+    worker.push(
+        {
+            "op": XDS_FILE_OP,
+            "path": str(path),
+            "type_url": ROUTE_TYPE,
+            "data": None,
+            "error": "unable to read file: gone",
+        }
+    )
+    assert stats.update_failure.value == 1
+
+    # A file the worker was not sent yet is pending: no stats, not initialized.
+    other = tmp_path / "later.yaml"
+    src2 = load_bootstrap(
+        None, json.dumps({"dynamic_resources": {"cds_config": {"path": str(other)}}})
+    ).dynamic_resources.cds_config
+    stats2 = SubscriptionStats(Store().scope("w2"))
+    later = worker.subscribe(src2, ROUTE_TYPE, apply, stats2, "x")
+    later.start()
+    assert not later.initialized and stats2.update_attempt.value == 0
+    write_response(other, "l1", ROUTE_TYPE, [route_config("local_route", "ok")])
+    main._load_quietly(str(other), ROUTE_TYPE, False)
+    publisher.flush()
+    worker.push(sent[-1])
+    assert later.initialized and applied[-1] == ("l1", "local_route")
+    main.stop()
+    worker.stop()
+    publisher.close()

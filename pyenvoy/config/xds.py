@@ -18,12 +18,23 @@ rename) are therefore applied within a second; a missing file is ignored until i
 Callbacks may be coroutines (LDS/CDS warm clusters and bind sockets): updates of one
 subscription are then applied one at a time, and a change seen meanwhile is applied next.
 
+With ``--concurrency N`` > 1 the files are watched and read in the main process only:
+its XdsManager records the bytes of every read (``load``) and a ``FilePublisher`` sends
+them to every worker (op ``xds_file``, ``encode_file``) when they are new or the file
+changed; a worker's XdsManager (``remote_files``) watches nothing, keeps the pushed bytes
+and, on each push, re-runs its subscriptions of that path through the same
+``_read`` -> ``parse`` -> callback steps as a local read. A worker starts with the current
+content of every file; a file it has not been sent yet is pending (no stats, not
+initialized). Files only the workers apply (route configs of LDS listeners) are read by
+the main process as ``mirror`` watches.
+
 ``version`` gauges carry Envoy's value: the xxHash64 of ``version_info`` (seed 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
 import json
 import logging
@@ -48,10 +59,15 @@ __all__ = [
     "TYPE_LISTENER",
     "TYPE_ROUTE",
     "DecodedResource",
+    "FileContent",
+    "FilePublisher",
     "FileWatcher",
     "FilesystemSubscription",
     "SubscriptionStats",
+    "XDS_FILE_OP",
     "XdsManager",
+    "decode_file",
+    "encode_file",
     "path_source",
     "xxhash64",
 ]
@@ -333,6 +349,96 @@ class FileWatcher:
 
 
 # --------------------------------------------------------------------------------------------
+# Sharing file contents with worker processes.
+
+# What was read from one file: (type_url, bytes or None if unreadable, the read error).
+FileContent = tuple[str, "bytes | None", str]
+
+XDS_FILE_OP = "xds_file"
+
+
+def encode_file(path: str, content: FileContent) -> dict[str, Any]:
+    """The control-socket message (JSON): ``{"op": "xds_file", "path": str, "type_url": str,
+    "data": base64 of the file's bytes | None, "error": str}`` (``error`` when unreadable)."""
+    type_url, data, error = content
+    return {
+        "op": XDS_FILE_OP,
+        "path": path,
+        "type_url": type_url,
+        "data": None if data is None else base64.b64encode(data).decode("ascii"),
+        "error": error,
+    }
+
+
+def decode_file(msg: dict[str, Any]) -> FileContent:
+    data = msg.get("data")
+    return (
+        str(msg.get("type_url", "")),
+        None if data is None else base64.b64decode(data),
+        str(msg.get("error") or "unable to read file"),
+    )
+
+
+class FilePublisher:
+    """The main process's side: every file content its XdsManager records (a read after a
+    change, or new content) goes out through ``send`` once per loop iteration and path, in
+    the order read; ``snapshot()`` is what a starting worker gets, ``since()`` what it
+    missed between that snapshot and being ready."""
+
+    def __init__(self, xds: XdsManager, send: Callable[[dict[str, Any]], None]) -> None:
+        self.xds = xds
+        self.send = send
+        self.generation: dict[str, int] = {}
+        self.pending: dict[str, None] = {}
+        self._handle: asyncio.Handle | None = None
+        xds.publisher = self.on_read
+
+    def close(self) -> None:
+        if self.xds.publisher == self.on_read:
+            self.xds.publisher = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def on_read(self, path: str) -> None:
+        self.pending.pop(path, None)
+        self.pending[path] = None
+        if self._handle is None:
+            try:
+                self._handle = asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                pass
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        pending, self.pending = self.pending, {}
+        contents = self.xds.contents
+        for path in pending:
+            content = contents.get(path)
+            if content is not None:
+                self.generation[path] = self.generation.get(path, 0) + 1
+                self.send(encode_file(path, content))
+
+    def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Every file's current content (after a flush to the running workers) and the
+        generations it stands for."""
+        self.flush()
+        files = [encode_file(p, c) for p, c in self.xds.contents.items()]
+        return files, dict(self.generation)
+
+    def since(self, generation: dict[str, int]) -> list[dict[str, Any]]:
+        self.flush()
+        contents = self.xds.contents
+        return [
+            encode_file(p, contents[p])
+            for p, g in self.generation.items()
+            if generation.get(p, 0) != g and p in contents
+        ]
+
+
+# --------------------------------------------------------------------------------------------
 # Decoding DiscoveryResponse files.
 
 
@@ -349,6 +455,10 @@ class _ParseFailure(Exception):
     """The file could not be read or parsed (Envoy's update_failure)."""
 
 
+class _Pending(Exception):
+    """A worker has not been sent this file's content yet (nothing to apply, no stats)."""
+
+
 def _resource_name(msg: Any) -> str:
     desc = msg.DESCRIPTOR
     for field in ("name", "cluster_name"):
@@ -361,13 +471,27 @@ class XdsManager:
     """Everything a server needs for filesystem xDS: the watcher, the node check, the
     unknown-field policy and ``server.dynamic_unknown_fields``."""
 
-    def __init__(self, server: Any = None, watcher: FileWatcher | None = None) -> None:
+    def __init__(
+        self,
+        server: Any = None,
+        watcher: FileWatcher | None = None,
+        remote_files: dict[str, FileContent] | None = None,
+    ) -> None:
         self.server = server
         self.watcher = watcher or FileWatcher()
         opts = getattr(server, "options", None)
         self.reject_unknown = bool(getattr(opts, "reject_unknown_dynamic_fields", False))
         self.ignore_unknown = bool(getattr(opts, "ignore_unknown_dynamic_fields", False))
         self.subscriptions: list[FilesystemSubscription] = []
+        # A worker process (``remote_files`` given): file contents come from the main
+        # process (``push``) and nothing is watched here.
+        self.remote: dict[str, FileContent] | None = remote_files
+        # The main process of ``--concurrency N`` > 1: the last content read of every file
+        # (what a starting worker gets) and who forwards new reads to the workers.
+        self.record = remote_files is None and int(getattr(opts, "concurrency", 1) or 1) > 1
+        self.contents: dict[str, FileContent] = {}
+        self.publisher: Callable[[str], None] | None = None
+        self._mirrors: dict[str, _Watch] = {}
 
     def check_node(self, type_url: str) -> None:
         node = getattr(self.server, "node", None)
@@ -391,7 +515,9 @@ class XdsManager:
         the source is not a file, the node is incomplete or the file does not exist."""
         file_path, watched_directory = path_source(config_source, path)
         self.check_node(type_url)
-        if not os.path.exists(file_path):
+        # A worker does not look at the file system: an unknown file is pending until the
+        # main process sends it.
+        if self.remote is None and not os.path.exists(file_path):
             raise ConfigError(
                 f"paths must refer to an existing path in the system: '{file_path}' does not exist",
                 path,
@@ -407,6 +533,45 @@ class XdsManager:
         self.watcher.stop()
         for sub in list(self.subscriptions):
             sub.stop()
+        for w in self._mirrors.values():
+            w.cancel()
+        self._mirrors.clear()
+
+    # --- worker processes ---------------------------------------------------------------
+    def push(self, msg: dict[str, Any]) -> None:
+        """A worker: the main process read ``msg["path"]`` (an ``encode_file`` message).
+        Every subscription of that file re-reads it as if its own watch had fired."""
+        if self.remote is None:
+            return
+        path = str(msg.get("path", ""))
+        self.remote[path] = decode_file(msg)
+        for sub in list(self.subscriptions):
+            if sub.path == path:
+                sub._on_change()
+
+    def mirror(self, paths: dict[str, tuple[str | None, str]]) -> None:
+        """The main process: keep reading (and publishing) these files although no
+        subscription here applies them, ``{path: (watched_directory, type_url)}``; paths
+        mirrored before and not listed now are dropped. (Route configs of listeners that
+        only the workers run.)"""
+        for path in list(self._mirrors):
+            if path not in paths:
+                self._mirrors.pop(path).cancel()
+        for path, (wd, type_url) in paths.items():
+            if path in self._mirrors:
+                continue
+
+            def reread(path: str = path, type_url: str = type_url) -> None:
+                self._load_quietly(path, type_url, True)
+
+            self._mirrors[path] = self.watcher.watch(path, wd, reread)
+            self._load_quietly(path, type_url, False)
+
+    def _load_quietly(self, path: str, type_url: str, changed: bool) -> None:
+        try:
+            self.load(path, type_url, changed)
+        except (_ParseFailure, _Pending):
+            pass
 
     def count_unknown_field(self) -> None:
         ss = getattr(self.server, "server_stats", None)
@@ -415,10 +580,45 @@ class XdsManager:
 
     # --- decoding ---------------------------------------------------------------------------
     def read(self, file_path: str, type_url: str) -> tuple[str, list[DecodedResource]]:
-        """Parse a DiscoveryResponse file: (version_info, resources).
+        """Read and parse a DiscoveryResponse file: (version_info, resources).
 
         Raises _ParseFailure (the file is unreadable or not a DiscoveryResponse) or
         ConfigError (a resource is of the wrong type or invalid: rejected)."""
+        return self.parse(file_path, self.load(file_path, type_url), type_url)
+
+    def load(self, file_path: str, type_url: str, changed: bool = False) -> bytes:
+        """The file's bytes: read here, or (a worker) the copy the main process pushed.
+        _ParseFailure if unreadable, _Pending if a worker has no copy yet. With workers,
+        the main process records what it read and publishes it when it is new content or
+        the read followed a change of the file (``changed``)."""
+        remote = self.remote
+        if remote is not None:
+            entry = remote.get(file_path)
+            if entry is None:
+                raise _Pending(file_path)
+            if entry[1] is None:
+                raise _ParseFailure(entry[2])
+            return entry[1]
+        data: bytes | None = None
+        error = ""
+        try:
+            with open(file_path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            error = f"unable to read file: {e.strerror or e}"
+        if self.record:
+            entry = (type_url, data, error)
+            if changed or self.contents.get(file_path) != entry:
+                self.contents[file_path] = entry
+                if self.publisher is not None:
+                    self.publisher(file_path)
+        if data is None:
+            raise _ParseFailure(error)
+        return data
+
+    def parse(self, file_path: str, raw: bytes, type_url: str) -> tuple[str, list[DecodedResource]]:
+        """Decode a DiscoveryResponse from a file's bytes (the format follows the name):
+        (version_info, resources). Raises _ParseFailure or ConfigError as ``read``."""
         from envoy.service.discovery.v3.discovery_pb2 import DiscoveryResponse
 
         from pyenvoy.config.loader import load_yaml, parse_message
@@ -427,11 +627,12 @@ class XdsManager:
         response = DiscoveryResponse()
         try:
             if lower.endswith(".pb"):
-                with open(file_path, "rb") as f:
-                    response.ParseFromString(f.read())
+                response.ParseFromString(raw)
             else:
-                with open(file_path, encoding="utf-8") as f:
-                    text = f.read()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _ParseFailure(f"unable to read file: {e}") from None
                 if lower.endswith(".pb_text"):
                     from google.protobuf import text_format
 
@@ -533,6 +734,7 @@ class FilesystemSubscription:
         self._watch: _Watch | None = None
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._changed = False
         self.stopped = False
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -547,11 +749,13 @@ class FilesystemSubscription:
         await self._apply()
 
     def _watch_file(self) -> None:
-        if self._watch is None:
+        if self.stopped or self in self.manager.subscriptions:
+            return
+        self.manager.subscriptions.append(self)
+        if self.manager.remote is None:  # a worker is told of changes (XdsManager.push)
             self._watch = self.manager.watcher.watch(
                 self.path, self.watched_directory, self._on_change
             )
-            self.manager.subscriptions.append(self)
 
     def stop(self) -> None:
         self.stopped = True
@@ -566,6 +770,7 @@ class FilesystemSubscription:
     def _on_change(self) -> None:
         if self.stopped:
             return
+        self._changed = True
         if self._task is not None and not self._task.done():
             self._again = True
             return
@@ -624,12 +829,26 @@ class FilesystemSubscription:
             if self._again and not self.stopped:
                 self._again = False
                 self._task = None
+                self._changed = True
                 self.refresh()
 
     def _read(self) -> tuple[str, list[DecodedResource]] | None:
+        """The "file content -> resources" step, one home for a file read here and for
+        content the main process pushed (a worker)."""
+        changed, self._changed = self._changed, False
+        try:
+            raw = self.manager.load(self.path, self.type_url, changed)
+        except _Pending:
+            return None  # a worker before the main process sent this file
+        except _ParseFailure as e:
+            self.stats.update_attempt.inc()
+            self.stats.update_failure.inc()
+            log.warning("Filesystem config update failure: in %s, %s", self.path, e)
+            self.initialized = True
+            return None
         self.stats.update_attempt.inc()
         try:
-            return self.manager.read(self.path, self.type_url)
+            return self.manager.parse(self.path, raw, self.type_url)
         except _ParseFailure as e:
             self.stats.update_failure.inc()
             log.warning("Filesystem config update failure: in %s, %s", self.path, e)
