@@ -8,9 +8,11 @@ fail on purpose, and watches host health through the admin /clusters page, the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -472,7 +474,8 @@ async def test_interval_jitter_stays_in_range(running: Any, upstreams: Any) -> N
 
 
 async def test_tcp_connect_only_and_refused(running: Any) -> None:
-    echo = TcpEchoUpstream().start()
+    echo = TcpEchoUpstream()
+    echo.start()
     dead = dead_port()
     try:
         r: Running = await running(
@@ -492,7 +495,8 @@ async def test_tcp_connect_only_and_refused(running: Any) -> None:
 
 
 async def test_tcp_send_receive_reuses_connection(running: Any) -> None:
-    echo = TcpEchoUpstream().start()
+    echo = TcpEchoUpstream()
+    echo.start()
     try:
         r: Running = await running(
             cluster(
@@ -946,3 +950,226 @@ async def test_worker_snapshot_and_cluster_changes(upstreams: Any) -> None:
         assert pair.messages[-1]["full"] is True and pair.messages[-1]["clusters"] == {}
     finally:
         pair.close()
+
+
+async def test_immediate_fail_in_a_worker_is_local_and_temporary(upstreams: Any) -> None:
+    """A worker has no sessions: the router's immediate fail excludes the host in that
+    worker only, until healthy_threshold intervals have passed (or the main process says
+    otherwise); the main process hears nothing of it."""
+    a, b = upstreams(), upstreams()
+    pair = MainAndWorker(_cluster_proto([a.port, b.port], {**HTTP_HC, "interval": "0.2s"}))
+    try:
+        await pair.main.initialize()
+        await pair.worker.initialize()
+        wc = pair.worker.get("c")
+        assert wc is not None
+        wb = pair.hosts(pair.worker)[b.port]
+        sent = len(pair.messages)
+        wc.health_checker.on_immediate_health_check_fail(wb)
+        both = FAILED_ACTIVE_HC | hc_mod.EXCLUDED_VIA_IMMEDIATE_HC_FAIL
+        assert wb.health_flags & both == both
+        assert {wc.choose_host().address[1] for _ in range(20)} == {a.port}  # type: ignore[union-attr]
+        assert pair.hosts(pair.main)[b.port].healthy
+        assert wc.info.stats.scope.counter("health_check.passive_failure").value == 0
+        # healthy_threshold (2) x interval (0.2 s): the main process's state comes back.
+        await asyncio.sleep(0.15)
+        assert not wb.healthy
+        await until(lambda: wb.healthy, 2)
+        assert {wc.choose_host().address[1] for _ in range(20)} == {a.port, b.port}  # type: ignore[union-attr]
+        assert len(pair.messages) == sent
+    finally:
+        pair.close()
+
+
+# --- x-envoy-immediate-health-check-fail on proxied responses, against real Envoy ---------------
+
+IMMEDIATE_CONFIG = """
+admin:
+  address:
+    socket_address: { address: 127.0.0.1, port_value: {admin_port} }
+static_resources:
+  listeners:
+  - name: main
+    address:
+      socket_address: { address: 127.0.0.1, port_value: {listener_port} }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: t
+          route_config:
+            virtual_hosts:
+            - name: plain
+              domains: ["plain"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: hc1 }
+            - name: retry
+              domains: ["retry"]
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  cluster: hc2
+                  retry_policy: { retry_on: 5xx, num_retries: 1 }
+            - name: nohc
+              domains: ["nohc"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: nohc }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: hc1
+    connect_timeout: 0.5s
+    type: STATIC
+    load_assignment:
+      cluster_name: hc1
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a_port} } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {b_port} } } }
+    health_checks:
+    - timeout: 1s
+      interval: 0.4s
+      no_traffic_interval: 0.4s
+      unhealthy_threshold: 2
+      healthy_threshold: 2
+      http_health_check: { path: /healthz }
+  - name: hc2
+    connect_timeout: 0.5s
+    type: STATIC
+    load_assignment:
+      cluster_name: hc2
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a_port} } } }
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {b_port} } } }
+    health_checks:
+    - timeout: 1s
+      interval: 60s
+      unhealthy_threshold: 2
+      healthy_threshold: 2
+      http_health_check: { path: /healthz }
+  - name: nohc
+    connect_timeout: 0.5s
+    type: STATIC
+    load_assignment:
+      cluster_name: nohc
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a_port} } } }
+"""
+IMMEDIATE = "x-envoy-immediate-health-check-fail"
+_imm_ids = itertools.count()
+EXCLUDED = "/failed_active_hc/excluded_via_immediate_hc_fail"
+
+
+@pytest.fixture(scope="module")
+def imm_upstreams() -> Iterator[tuple[HttpUpstream, HttpUpstream]]:
+    a, b = HttpUpstream().start(), HttpUpstream().start()
+    try:
+        yield a, b  # type: ignore[misc]
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def imm_proxy(proxy_kind: str, imm_upstreams: tuple[HttpUpstream, HttpUpstream]) -> Iterator[Any]:
+    from tests.support.procs import start_proxy
+
+    a, b = imm_upstreams
+    p = start_proxy(proxy_kind, IMMEDIATE_CONFIG, a_port=a.port, b_port=b.port)
+    try:
+        for name in ("hc1", "hc2"):
+            p.wait_stat(f"cluster.{name}.membership_healthy", 2, timeout=10)
+        yield p
+    finally:
+        p.stop()
+
+
+def _flags(proxy: Any, cluster_name: str) -> dict[int, str]:
+    status, _, body = proxy.admin("/clusters")
+    assert status == 200
+    out = {}
+    for line in body.decode().splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == cluster_name and parts[2] == "health_flags":
+            out[int(parts[1].rsplit(":", 1)[1])] = parts[3]
+    return out
+
+
+def _served(ups: tuple[HttpUpstream, HttpUpstream], tid: str) -> int:
+    for u in ups:
+        if any(q.header("x-test-id") == tid for q in list(u.requests)):
+            return u.port
+    raise AssertionError(f"{tid} reached no upstream")
+
+
+def _hc_stats(proxy: Any, name: str) -> dict[str, int]:
+    prefix = f"cluster.{name}.health_check."
+    return {k[len(prefix) :]: v for k, v in proxy.stats().items() if k.startswith(prefix)}
+
+
+def test_proxied_immediate_fail_excludes_the_host_until_checks_pass(
+    imm_proxy: Any, imm_upstreams: tuple[HttpUpstream, HttpUpstream]
+) -> None:
+    before = _hc_stats(imm_proxy, "hc1")
+    # (the upstreams outlive one proxy kind: every request gets its own id)
+    ids = [f"imm-{next(_imm_ids)}" for _ in range(5)]
+    with httpx.Client(base_url=imm_proxy.url("/"), timeout=5) as client:
+        r = client.get(f"/headers?{IMMEDIATE}=true", headers={"host": "plain", "x-test-id": ids[0]})
+        assert r.status_code == 200
+        assert r.headers.get(IMMEDIATE) == "true"  # forwarded downstream as it came
+        failed = _served(imm_upstreams, ids[0])
+        other = next(u.port for u in imm_upstreams if u.port != failed)
+        assert _flags(imm_proxy, "hc1") == {failed: EXCLUDED, other: "healthy"}
+        after = _hc_stats(imm_proxy, "hc1")
+        assert after["failure"] - before["failure"] == 1
+        assert after["passive_failure"] - before["passive_failure"] == 1
+        assert after["healthy"] == 1
+        assert after["attempt"] - before["attempt"] <= 1  # no extra probe
+        for tid in ids[1:]:
+            client.get("/echo", headers={"host": "plain", "x-test-id": tid})
+            assert _served(imm_upstreams, tid) == other
+        # Two passing checks (healthy_threshold) bring it back.
+        deadline = time.monotonic() + 5
+        while _flags(imm_proxy, "hc1")[failed] != "healthy" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _flags(imm_proxy, "hc1") == {failed: "healthy", other: "healthy"}
+        assert _hc_stats(imm_proxy, "hc1")["healthy"] == 2
+
+
+def test_a_retried_response_fails_its_host_too(
+    imm_proxy: Any, imm_upstreams: tuple[HttpUpstream, HttpUpstream]
+) -> None:
+    a, b = imm_upstreams
+    a.raw_responses["/imm503"] = (
+        f"HTTP/1.1 503 Service Unavailable\r\n{IMMEDIATE}: true\r\ncontent-length: 0\r\n\r\n"
+    ).encode()
+    try:
+        with httpx.Client(base_url=imm_proxy.url("/"), timeout=5) as client:
+            for _ in range(3):  # round robin: a within two requests
+                seen = sum(q.path == "/imm503" for q in list(a.requests))
+                r = client.get("/imm503", headers={"host": "retry"})
+                assert r.status_code == 200  # b answered the retry (or the request)
+                assert IMMEDIATE not in r.headers
+                if sum(q.path == "/imm503" for q in list(a.requests)) > seen:
+                    break
+        assert _flags(imm_proxy, "hc2") == {a.port: EXCLUDED, b.port: "healthy"}
+        stats = _hc_stats(imm_proxy, "hc2")
+        assert (stats["passive_failure"], stats["healthy"]) == (1, 1)
+        assert imm_proxy.stats()["cluster.hc2.upstream_rq_retry"] == 1
+    finally:
+        del a.raw_responses["/imm503"]
+
+
+def test_without_active_health_checking_the_header_only_passes_through(imm_proxy: Any) -> None:
+    with httpx.Client(base_url=imm_proxy.url("/"), timeout=5) as client:
+        r = client.get(f"/headers?{IMMEDIATE}=true", headers={"host": "nohc"})
+    assert r.status_code == 200
+    assert r.headers.get(IMMEDIATE) == "true"
+    assert _flags(imm_proxy, "nohc") == {next(iter(_flags(imm_proxy, "nohc"))): "healthy"}

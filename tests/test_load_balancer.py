@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -78,7 +79,9 @@ def ports(lb: Any, n: int, context: Any = None) -> collections.Counter[int]:
 
 
 def request(
-    path: bytes = b"/", headers: list[tuple[bytes, bytes]] = (), remote: str = "10.0.0.1"
+    path: bytes = b"/",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    remote: str = "10.0.0.1",
 ) -> Any:
     h = RequestHeaders(path=path, authority=b"a", headers=[[k, v] for k, v in headers])
     si = StreamInfo(
@@ -116,6 +119,7 @@ def test_round_robin_cycles_in_order_from_a_random_start() -> None:
     hosts = hosts_of(3)
     lb = RoundRobinLoadBalancer(hosts)
     first = lb.choose_host()
+    assert first is not None
     start = hosts.index(first)
     seq = [first] + [lb.choose_host() for _ in range(5)]
     assert seq == [hosts[(start + i) % 3] for i in range(6)]
@@ -153,6 +157,7 @@ def test_round_robin_index_survives_rebuilds_like_envoy_rr_indexes() -> None:
     seq = [lb.choose_host() for _ in range(3)]
     lb2, _ = f.build(hosts)  # e.g. a health change elsewhere: same source, index continues
     nxt = lb2.choose_host()
+    assert nxt is not None and seq[-1] is not None
     assert hosts.index(nxt) == (hosts.index(seq[-1]) + 1) % 4
 
 
@@ -321,7 +326,7 @@ def test_overprovisioning_factor_from_load_assignment_policy() -> None:
     p0 = level(10, 8, 0, 1000)
     p1 = level(10, 10, 1, 2000)
     lb, _ = f.build(p0 + p1)
-    counts = collections.Counter(lb.choose_host().priority for _ in range(4000))
+    counts = collections.Counter(lb.choose_host().priority for _ in range(4000))  # type: ignore[union-attr]
     assert abs(counts[1] / 4000 - 0.2) < 0.03  # 80% healthy * 1.0 -> 80/20
 
 
@@ -409,7 +414,7 @@ def test_total_panic_loads_follow_host_counts() -> None:
 
 # -- locality weighted ------------------------------------------------------------------------
 def locality_hosts() -> list[Host]:
-    out = []
+    out: list[Host] = []
     for zone, lw, n in (("a", 1, 2), ("b", 3, 2)):
         for _ in range(n):
             h = Host(("127.0.0.1", 9000 + len(out)))
@@ -688,7 +693,7 @@ def test_use_hostname_and_metadata_hash_key() -> None:
     lb2, _ = f.build([a2, b2])
     for i in range(50):
         c = ctx_for(f"k{i}")
-        assert lb1.choose_host(c).hostname == lb2.choose_host(c).hostname
+        assert lb1.choose_host(c).hostname == lb2.choose_host(c).hostname  # type: ignore[union-attr]
 
 
 # -- maglev -----------------------------------------------------------------------------------
@@ -970,7 +975,7 @@ async def test_e2e_ring_hash_by_header(upstreams: list[Any]) -> None:
         async with httpx.AsyncClient() as client:
             for i in range(60):
                 key = f"user-{i}"
-                expect = ring.choose(hashing.xxhash64(key.encode())).address[1]
+                expect = ring.choose(hashing.xxhash64(key.encode())).address[1]  # type: ignore[union-attr]
                 before = {u.port: u.request_count for u in upstreams}
                 for _ in range(3):  # the same key sticks to its host
                     r = await client.get(url, headers={"x-user": key})

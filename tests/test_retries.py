@@ -224,7 +224,7 @@ class ScriptedUpstream:
                     )
                     await writer.drain()
                     return
-                hmap = dict(hdrs)
+                hmap: dict[bytes, bytes] = dict(hdrs)  # type: ignore[arg-type]
                 if hmap.get(b"transfer-encoding") == b"chunked":
                     body = b""
                     while True:

@@ -1181,7 +1181,29 @@ class HealthCheckers:
         await asyncio.shield(self._initialized)
 
     def on_immediate_health_check_fail(self, host: Host) -> None:
-        """A proxied response carried ``x-envoy-immediate-health-check-fail``."""
+        """A proxied response carried ``x-envoy-immediate-health-check-fail`` (the router
+        calls this): as Envoy, the host's session fails it at once (a PASSIVE failure:
+        ``health_check.failure`` and ``passive_failure`` count) and it is flagged
+        ``/failed_active_hc/excluded_via_immediate_hc_fail`` until checks pass again.
+
+        In a worker process (``remote`` set) the sessions live in the main process: the
+        host is failed in this worker only, until the main process's next word on the
+        cluster or, at the latest, ``healthy_threshold`` intervals (the passing checks that
+        would bring it back in Envoy); the main process does not hear of it."""
+        if self.remote is not None:
+            if host.health_flags & FAILED_ACTIVE_HC and host.health_flags & (
+                EXCLUDED_VIA_IMMEDIATE_HC_FAIL
+            ):
+                return
+            host.health_flags |= FAILED_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL
+            self.cluster.refresh_health()
+            ms = max((c.healthy_threshold * c.interval_ms for c in self.checkers), default=0)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            loop.call_later(max(ms, 1) / 1000.0, self.apply_remote)
+            return
         host.health_flags |= EXCLUDED_VIA_IMMEDIATE_HC_FAIL
         for c in self.checkers:
             s = c.sessions.get(host)

@@ -103,6 +103,12 @@ def ring_for(upstreams: list[HttpUpstream]) -> Ring:
     return Ring([(h, 1 / 3) for h in hosts], 1 / 3)
 
 
+def chosen_port(table: Ring | MaglevTable, h: int) -> int:
+    host = table.choose(h)
+    assert host is not None
+    return int(host.address[1])
+
+
 def maglev_for(upstreams: list[HttpUpstream], size: int = 65537) -> MaglevTable:
     hosts = [Host(("127.0.0.1", u.port)) for u in upstreams]
     return MaglevTable([(h, 1 / 3) for h in hosts], 1 / 3, size)
@@ -213,7 +219,7 @@ def test_header_hash_picks_envoys_host(
     table = ring_for(upstreams) if host == "rh" else maglev_for(upstreams)
     cases = [({"x-user": f"user-{i}"}, xxhash64(f"user-{i}".encode())) for i in range(90)]
     expect_hosts(client, upstreams, host, "/echo", cases, table)
-    assert len({table.choose(h).address[1] for _, h in cases}) == 3
+    assert len({chosen_port(table, h) for _, h in cases}) == 3
 
 
 def test_ring_hash_stats(proxy: ProxyProcess) -> None:
@@ -239,11 +245,11 @@ def test_cookie_query_and_source_ip_hashes(
     for i in range(30):
         for tid, _ in send(client, "rh", f"/query?a=1&u=q{i}&u=other"):
             ids.append(tid)
-            want[tid] = ring.choose(xxhash64(f"q{i}".encode())).address[1]
+            want[tid] = chosen_port(ring, xxhash64(f"q{i}".encode()))
     for path in ("/query?u", "/query?a&u=&u=x"):  # no value: the hash of ""
         for tid, _ in send(client, "rh", path):
             ids.append(tid)
-            want[tid] = ring.choose(xxhash64(b"")).address[1]
+            want[tid] = chosen_port(ring, xxhash64(b""))
     assert served_by(upstreams, ids) == want
     expect_hosts(client, upstreams, "rh", "/ip", [({}, xxhash64(b"127.0.0.1"))] * 5, ring)
     # header_name "host" is the HTTP/1 Host, i.e. :authority.
@@ -272,7 +278,7 @@ def test_multi_value_header_and_combined_policies(
         r = client.get("/echo", headers=headers)
         assert r.status_code == 200
         ids.append(tid)
-        want[tid] = ring.choose(xxhash64(f"z{i}".encode(), xxhash64(f"m{i}".encode()))).address[1]
+        want[tid] = chosen_port(ring, xxhash64(f"z{i}".encode(), xxhash64(f"m{i}".encode())))
     assert served_by(upstreams, ids) == want
 
 
@@ -290,24 +296,33 @@ def test_no_hash_is_random(client: httpx.Client, upstreams: list[HttpUpstream]) 
     assert all(60 < c[u.port] < 140 for u in upstreams), c
 
 
-def test_cookie_with_ttl_is_generated(client: httpx.Client, proxy: ProxyProcess) -> None:
-    r = client.get("/cookie_ttl", headers={"host": "rh"})
+@pytest.mark.parametrize("host", ["rh", "mg"])
+def test_cookie_with_ttl_is_generated(
+    client: httpx.Client, upstreams: list[HttpUpstream], host: str
+) -> None:
+    table = ring_for(upstreams) if host == "rh" else maglev_for(upstreams)
+    tid = f"t{next(_ids)}"
+    client.cookies.clear()  # httpx keeps cookies: this request must have none
+    r = client.get("/cookie_ttl", headers={"host": host, "x-test-id": tid})
+    client.cookies.clear()
     assert r.status_code == 200
-    cookie = r.headers.get("set-cookie")
-    if cookie is None and proxy.kind == "pyenvoy":
-        pytest.xfail("the router does not add LoadBalancerContext.response_headers_to_add yet")
-    assert cookie is not None
-    name, _, rest = cookie.partition("=")
+    cookies = r.headers.get_list("set-cookie")
+    assert len(cookies) == 1
+    name, _, rest = cookies[0].partition("=")
     value, _, attrs = rest.partition(";")
     assert name == "sticky"
     assert len(value) == 18 and value[0] == value[-1] == '"'
     int(value[1:-1], 16)
     assert attrs == " Max-Age=60; Path=/; HttpOnly"
-    # Sending the cookie back sticks to one host.
-    served = {
-        client.get(
-            "/cookie_ttl", headers={"host": "rh", "cookie": f"sticky={value[1:-1]}"}
-        ).status_code
-        for _ in range(3)
-    }
-    assert served == {200}
+    # The request that generated the cookie was hashed on it, and sending the cookie back
+    # sticks to that host (and generates no new cookie).
+    want = {tid: chosen_port(table, xxhash64(value[1:-1].encode()))}
+    for _ in range(3):
+        tid = f"t{next(_ids)}"
+        r = client.get(
+            "/cookie_ttl", headers={"host": host, "x-test-id": tid, "cookie": f"sticky={value}"}
+        )
+        assert r.status_code == 200
+        assert "set-cookie" not in r.headers
+        want[tid] = want[next(iter(want))]
+    assert served_by(upstreams, list(want)) == want

@@ -18,6 +18,13 @@ Internal requests (HCM internal_address_config) may carry Envoy's control header
 (``x-envoy-retry-on``, ``x-envoy-upstream-rq-timeout-ms`` ...): the router reads and
 removes them, so on such connection managers every route takes the full path.
 
+An upstream response gets, after ``x-envoy-upstream-service-time``, the ``set-cookie``
+headers the load balancer asked for (a hash policy cookie with a ttl, generated when the
+request had none: one per attempt, as Envoy; never on a local reply), then the route's
+response headers. On a cluster with active health checking, an upstream response carrying
+``x-envoy-immediate-health-check-fail`` (also one that is retried) fails its host at once;
+the header still goes downstream.
+
 Local replies the router sends after a route matched carry the route's response headers,
 then ``x-envoy-overloaded: true`` for circuit-breaker overflows, then
 ``x-envoy-attempt-count`` when the virtual host asks for it (Envoy 1.40's order).
@@ -69,6 +76,7 @@ TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. "
 _BODY_METHODS = (b"POST", b"PUT", b"PATCH")
 _TIMEOUT_HEADER_VALUES: dict[float, bytes] = {}
+_IMMEDIATE_HC_FAIL = b"x-envoy-immediate-health-check-fail"
 
 # Envoy's x-envoy-* request headers the router reads and consumes (internal requests only:
 # the connection manager strips them from external ones).
@@ -392,6 +400,16 @@ def _ms_header(value: bytes | None) -> int | None:
     return int(v) if v.isdigit() else None
 
 
+def _immediate_health_check_fail(hc: Any, host: Any, headers: list[list[bytes]]) -> None:
+    """An upstream response with ``x-envoy-immediate-health-check-fail`` fails its host's
+    active health check at once (Envoy's HealthCheckHostMonitor::setUnhealthy); the header
+    itself goes on downstream."""
+    for h in headers:
+        if h[0] == _IMMEDIATE_HC_FAIL:
+            hc.on_immediate_health_check_fail(host)
+            return
+
+
 def _reset_flag(reason: str) -> int:
     """Envoy's streamResetReasonToResponseFlag."""
     if reason in CONNECT_FAILURES:
@@ -428,6 +446,7 @@ class Router(hf.StreamDecoderFilter):
         "ext",
         "msd",
         "settings",
+        "lb_headers",
     )
 
     def __init__(self, config: RouterConfig) -> None:
@@ -450,6 +469,8 @@ class Router(hf.StreamDecoderFilter):
         self.headers: RequestHeaders | None = None
         self.ext: _Ext | None = None
         self.msd: asyncio.TimerHandle | None = None
+        # Response headers the load balancer asked for (a generated hash-policy cookie).
+        self.lb_headers: list[list[bytes]] | None = None
 
     # --- decoding ------------------------------------------------------------------------
     def decode_headers(self, headers: RequestHeaders, end_stream: bool) -> int:
@@ -523,12 +544,13 @@ class Router(hf.StreamDecoderFilter):
         self.cluster = cluster
         info = cluster.info
         si.upstream_cluster = info.name
-        lb_context = (
-            LoadBalancerContext(headers, si, route.hash_policy)
-            if cluster.lb_factory.uses_hash
-            else None
-        )
-        host = cluster.choose_host(lb_context)
+        if cluster.lb_factory.uses_hash:
+            lb_context = LoadBalancerContext(headers, si, route.hash_policy)
+            host = cluster.choose_host(lb_context)
+            if lb_context.response_headers_to_add:
+                self._add_lb_headers(lb_context.response_headers_to_add)
+        else:
+            host = cluster.choose_host(None)
         if host is None:
             self.headers = headers
             self._no_healthy_upstream(True)
@@ -723,11 +745,20 @@ class Router(hf.StreamDecoderFilter):
             rh.headers.append(
                 [b"x-envoy-upstream-service-time", b"%d" % ((now - self.start) * 1000)]
             )
+        lb_headers = self.lb_headers
+        if lb_headers is not None:
+            # Envoy adds the load balancer's set-cookie headers here, before the route's
+            # response headers (never to a local reply).
+            rh.headers.extend(lb_headers)
         ext = self.ext
         if ext is not None:
             self._finalize_response_full(rh, si, ext)
-        elif self.settings.response_finalize:
-            self.route.finalize_response_headers(rh, si, self.headers)
+        else:
+            hc = self.cluster.health_checker
+            if hc is not None:
+                _immediate_health_check_fail(hc, self.host, headers)
+            if self.settings.response_finalize:
+                self.route.finalize_response_headers(rh, si, self.headers)
         if end_stream:
             self._complete(status)
         cb.encode_headers(rh, end_stream)
@@ -1090,16 +1121,28 @@ class Router(hf.StreamDecoderFilter):
             if cluster.lb_factory.uses_hash
             else None
         )
+        host = cluster.choose_host(lb_context)
+        if lb_context is not None and lb_context.response_headers_to_add:
+            # One set of cookies per attempt, as Envoy's one chooseHost() per attempt (its
+            # host re-selection happens inside, with the hash computed once).
+            self._add_lb_headers(lb_context.response_headers_to_add)
         ext = self.ext
         retry = ext.retry if ext is not None else None
         if retry is None or not retry.previous_hosts:
-            return cluster.choose_host(lb_context)
-        host = None
-        for _ in range(retry.host_selection_max_attempts):
-            host = cluster.choose_host(lb_context)
+            return host
+        for _ in range(retry.host_selection_max_attempts - 1):
             if host is None or not retry.should_select_another_host(host):
                 return host
+            host = cluster.choose_host(lb_context)
         return host
+
+    def _add_lb_headers(self, added: list[tuple[bytes, bytes]]) -> None:
+        """Keep the headers a LoadBalancerContext collected for the response; a retry's
+        host selection adds its own (Envoy sends one set-cookie per attempt)."""
+        lb_headers = self.lb_headers
+        if lb_headers is None:
+            lb_headers = self.lb_headers = []
+        lb_headers.extend([name, value] for name, value in added)
 
     def _start_attempt(self, host: Any, pool: Http1ConnPool) -> None:
         ext = self.ext
@@ -1261,6 +1304,10 @@ class Router(hf.StreamDecoderFilter):
     ) -> None:
         ext = self.ext
         assert ext is not None
+        hc = self.cluster.health_checker
+        if hc is not None:
+            # Every attempt's response counts, also one that is retried.
+            _immediate_health_check_fail(hc, ur.host, headers)
         retry = ext.retry
         if retry is not None:
             decision = retry.would_retry_from_headers(status, headers)
