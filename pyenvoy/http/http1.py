@@ -366,7 +366,11 @@ class _Parser:
         if not self.paused:
             return
         self.paused = False
-        if not self._running and self._error is None and (self._buf or self._eof or self._state == _DONE):
+        if (
+            not self._running
+            and self._error is None
+            and (self._buf or self._eof or self._state == _DONE)
+        ):
             self._run()
 
     def feed_eof(self) -> None:
@@ -637,7 +641,11 @@ class RequestParser(_Parser):
             special = None
         self._running = True
         try:
-            self._finish_head(method, target, version, headers, special)
+            if special is None:  # no body, keep-alive by version (see _finish_head)
+                self._state = _DONE
+                self._on_headers(method, target, version, headers, version == 11, False)
+            else:
+                self._finish_head(method, target, version, headers, special)
             if self._state == _DONE and not self.paused:
                 self._state = _HEAD
                 self._on_complete()
@@ -877,9 +885,46 @@ class ResponseParser(_Parser):
             special = None
         body_at = hend + 4
         tail = b""
+        status = int(code)
+        # The usual framing inline: one Content-Length and/or Connection keep-alive|close,
+        # on a response that may have a body; everything else follows _finish_head's rules.
+        content_length = -1
+        keep_alive = True
+        if special is not None:
+            for name, value in special:
+                if (
+                    name == b"content-length"
+                    and content_length < 0
+                    and value.isdigit()
+                    and len(value) < 19
+                ):
+                    content_length = int(value)
+                elif name == b"connection" and (
+                    (v := value.lower()) == b"keep-alive" or v == b"close"
+                ):
+                    keep_alive = keep_alive and v == b"keep-alive"
+                else:
+                    content_length = -2
+                    break
+        method = self._expected[0]
         self._running = True
         try:
-            self._finish_head(int(code), 11, headers, special)
+            if (
+                content_length >= 0
+                and status != 204
+                and status != 304
+                and method != b"HEAD"
+                and method != b"CONNECT"
+            ):
+                self._expected.popleft()
+                if content_length:
+                    self._remaining = content_length
+                    self._state = _BODY
+                else:
+                    self._state = _DONE
+                self._on_headers(status, 11, headers, keep_alive, content_length > 0)
+            else:
+                self._finish_head(status, 11, headers, special)
             if self._state == _BODY and len(data) - body_at == self._remaining and not self.paused:
                 self._remaining = 0
                 self._state = _DONE
