@@ -382,3 +382,150 @@ def test_per_host_can_create_connection() -> None:
     assert rms.default.can_create_connection(host)
     host.stats.cx_active.value = 1
     assert not rms.default.can_create_connection(host)
+
+
+def _cluster_proto(cbs: dict[str, Any], name: str = "c") -> Any:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from google.protobuf import json_format
+
+    return json_format.ParseDict({"name": name, "circuit_breakers": cbs}, cluster_pb2.Cluster())
+
+
+UNLIMITED = 2**64 - 1
+
+
+def test_first_threshold_of_a_priority_wins() -> None:
+    """As Envoy (find_if over thresholds / per_host_thresholds), the first entry counts."""
+    proto = _cluster_proto(
+        {
+            "thresholds": [
+                {"max_connections": 3, "track_remaining": True},
+                {"max_connections": 4, "max_requests": 9},
+                {"priority": "HIGH", "max_requests": 7},
+            ],
+            "per_host_thresholds": [{"max_connections": 2}, {"max_connections": 5}],
+        }
+    )
+    store = Store()
+    rms = ResourceManagers(proto, "c", store.scope("cluster.c"))
+    assert rms.default.connections.limit == 3
+    assert rms.default.requests.limit == 1024
+    assert rms.high.requests.limit == 7
+    assert rms.default.max_connections_per_host == 2
+    assert store.gauges["cluster.c.circuit_breakers.default.remaining_cx"].value == 3
+    assert "cluster.c.circuit_breakers.high.remaining_cx" not in store.gauges
+
+
+def test_declared_gauges_match_envoy_at_startup() -> None:
+    """ClusterInfo's gauges: *_open for both priorities, remaining_* (with
+    remaining_cx_pools) only with track_remaining, at the configured limits."""
+    from pyenvoy.upstream.cluster_manager import ClusterManager
+
+    tracked = _cluster_proto(
+        {
+            "thresholds": [
+                {"max_connections": 3, "max_pending_requests": 2, "track_remaining": True},
+                {"priority": "HIGH", "max_connection_pools": 5, "track_remaining": True},
+            ]
+        },
+        "tracked",
+    )
+    plain = _cluster_proto({"thresholds": [{"max_connections": 3}]}, "plain")
+    store = Store()
+    cm = ClusterManager([tracked, plain], store)
+    try:
+
+        def gauges(cluster: str) -> dict[str, int]:
+            pre = f"cluster.{cluster}.circuit_breakers."
+            return {k[len(pre) :]: g.value for k, g in store.gauges.items() if k.startswith(pre)}
+
+        opens = {
+            f"{p}.{g}": 0
+            for p in ("default", "high")
+            for g in ("cx_open", "cx_pool_open", "rq_open", "rq_pending_open", "rq_retry_open")
+        }
+        assert gauges("plain") == opens
+        assert gauges("tracked") == {
+            **opens,
+            "default.remaining_cx": 3,
+            "default.remaining_pending": 2,
+            "default.remaining_rq": 1024,
+            "default.remaining_retries": 3,
+            "default.remaining_cx_pools": UNLIMITED,
+            "high.remaining_cx": 1024,
+            "high.remaining_pending": 1024,
+            "high.remaining_rq": 1024,
+            "high.remaining_retries": 3,
+            "high.remaining_cx_pools": 5,
+        }
+        info = cm.get("tracked").info  # type: ignore[union-attr]
+        assert [cb[:2] for cb in info.circuit_breakers] == [("default", 3), ("high", 1024)]
+    finally:
+        cm.close()
+
+
+def test_remaining_starts_at_the_configured_limit_then_follows_the_runtime() -> None:
+    """Envoy sets remaining_* to the configured max in the constructor; every change after
+    that uses the limit in effect (here a static runtime override)."""
+    rt = Runtime([{"circuit_breakers": {"c": {"default": {"max_connections": 10}}}}])
+    proto = _cluster_proto({"thresholds": [{"max_connections": 3, "track_remaining": True}]})
+    store = Store()
+    rms = ResourceManagers(proto, "c", store.scope("cluster.c"), rt)
+    cx = rms.default.connections
+    remaining = store.gauges["cluster.c.circuit_breakers.default.remaining_cx"]
+    assert cx.limit == 10 and remaining.value == 3
+    cx.inc()
+    assert remaining.value == 9
+    cx.dec()
+    assert remaining.value == 10
+
+
+def test_only_tracked_resources_leave_the_fast_path() -> None:
+    """Untracked, runtime-free resources keep the bare-increment fast path (fast_limit);
+    tracked ones update remaining_* on every change."""
+    proto = _cluster_proto(
+        {"thresholds": [{"track_remaining": True}, {"priority": "HIGH", "max_requests": 5}]}
+    )
+    store = Store()
+    rms = ResourceManagers(proto, "c", store.scope("cluster.c"))
+    assert rms.high.requests.fast_limit == 5 and rms.high.requests.remaining is None
+    rq = rms.default.requests
+    assert rq.fast_limit == 0
+    rq.inc()
+    rq.inc()
+    assert store.gauges["cluster.c.circuit_breakers.default.remaining_rq"].value == 1022
+    rq.current -= 1  # the pool's own decrement, then released() (conn_pool.py)
+    rq.released()
+    assert store.gauges["cluster.c.circuit_breakers.default.remaining_rq"].value == 1023
+
+
+def test_retry_budget_gauges_like_envoy() -> None:
+    """With a budget, remaining_retries starts at max_retries and reads 0 once the budget is
+    used; rq_retry_open still compares the count with max_retries (Envoy's nested
+    max_retries resource)."""
+    proto = _cluster_proto(
+        {
+            "thresholds": [
+                {
+                    "track_remaining": True,
+                    "max_retries": 2,
+                    "retry_budget": {"budget_percent": {"value": 100}, "min_retry_concurrency": 5},
+                }
+            ]
+        }
+    )
+    store = Store()
+    rms = ResourceManagers(proto, "c", store.scope("cluster.c"))
+    retries = rms.default.retries
+    remaining = store.gauges["cluster.c.circuit_breakers.default.remaining_retries"]
+    is_open = store.gauges["cluster.c.circuit_breakers.default.rq_retry_open"]
+    assert remaining.value == 2
+    assert retries.can_create()
+    assert remaining.value == 0
+    retries.inc()
+    assert is_open.value == 0
+    retries.inc()
+    assert is_open.value == 1  # 2 >= max_retries, though the budget (5) allows more
+    assert retries.can_create()
+    retries.dec()
+    assert is_open.value == 0 and remaining.value == 0

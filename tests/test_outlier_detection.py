@@ -636,3 +636,31 @@ def test_tcp_style_connect_results() -> None:
     d.on_local_origin_failure(h, "timeout")
     assert h.health_flags & FAILED_OUTLIER_CHECK
     assert h.outlier.ext_total == 0 and h.outlier.local_total == 4
+
+
+async def test_tcp_proxy_results_map_like_envoy() -> None:
+    """The results tcp_proxy reports, as Envoy's putResultNoLocalExternalSplit maps them:
+    LocalOriginConnectFailed -> 503 (a 5xx and a gateway failure), LocalOriginTimeout -> 504,
+    LocalOriginConnectSuccessFinal -> 200. The first report arms the interval sweep."""
+    c, d = make_cluster(
+        2,
+        {"consecutive_5xx": 3, "consecutive_gateway_failure": 2, "max_ejection_percent": 100},
+    )
+    d.stop()
+    d._stopped = False  # as before start(): the first result arms the timer
+    h = c.hosts[0]
+    d.on_local_origin_success(h, True)
+    assert d._timer is not None
+    m = h.outlier
+    assert (m.ext_success, m.ext_total) == (1, 1)
+    d.on_local_origin_failure(h, "connect_failed")
+    assert (m.consecutive_5xx, m.consecutive_gateway_failure) == (1, 1)
+    d.on_local_origin_failure(h, "timeout")
+    assert (m.consecutive_5xx, m.consecutive_gateway_failure) == (2, 0)  # reset on detection
+    assert d.stats.ejections_detected_consecutive_gateway_failure.value == 1
+    assert not h.health_flags  # enforcing_consecutive_gateway_failure defaults to 0
+    d.on_local_origin_failure(h, "connect_failed")
+    assert h.health_flags & FAILED_OUTLIER_CHECK
+    assert d.stats.ejections_enforced_consecutive_5xx.value == 1
+    assert m.ext_total == 4 and m.local_total == 0
+    d.stop()

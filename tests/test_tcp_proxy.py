@@ -259,7 +259,7 @@ def build(proto: Any, cm: Any, store: Store) -> Callable[[], Any]:
 
 
 async def read_all(reader: asyncio.StreamReader) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         d = await reader.read(1 << 16)
         if not d:
@@ -363,6 +363,16 @@ def test_config_defaults_and_stats_names() -> None:
             {"stat_prefix": "p", "weighted_clusters": {"clusters": [{"name": "a", "weight": 0}]}},
             "f.weighted_clusters.clusters[0].weight",
             "weight",
+        ),
+        (
+            {"stat_prefix": "p", "cluster": "c", "hash_policy": [{"filter_state": {"key": "k"}}]},
+            "f.hash_policy[0].filter_state",
+            "filter_state",
+        ),
+        (
+            {"stat_prefix": "p", "cluster": "c", "hash_policy": [{"source_ip": {}}] * 2},
+            "f.hash_policy",
+            "at most 1",
         ),
     ],
 )
@@ -814,7 +824,7 @@ def test_backpressure_slow_upstream_reader(loop: str) -> None:
             await asyncio.sleep(0.01)
             for c in proxy.connections:
                 for f in c.read_filters:
-                    t = f.upstream_transport
+                    t = f.upstream_transport  # type: ignore[attr-defined]
                     if t is not None:
                         peak = max(peak, t.get_write_buffer_size())
         assert counter(store, "tcp.u.downstream_flow_control_paused_reading_total") >= 1
@@ -904,7 +914,7 @@ def test_many_concurrent_sessions(loop: str) -> None:
         cm.add("echo", store, [up_port])
         proxy = await Proxy(build(make_proto(stat_prefix="c", cluster="echo"), cm, store)).start()
 
-        async def one(i: int) -> bytes:
+        async def one(i: int) -> bool:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             msg = f"session-{i}-".encode() * 100
             writer.write(msg)
@@ -1085,6 +1095,213 @@ def test_retry_with_backoff_reaches_second_host(loop: str) -> None:
         up.close()
 
     run(loop, main())
+
+
+# --- outlier detection, the pool's request books, hash policy --------------------------------
+class RecordingDetector:
+    """Records what the filter reports (the OutlierDetector calls tcp_proxy makes)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, Any]] = []
+
+    def on_local_origin_failure(self, host: FakeHost, reason: str) -> None:
+        self.calls.append(("failure", host.address[1], reason))
+
+    def on_local_origin_success(self, host: FakeHost, final: bool = True) -> None:
+        self.calls.append(("success", host.address[1], final))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_connect_results_reach_the_outlier_detector(loop: str) -> None:
+    """Refused -> LocalOriginConnectFailed, connect timeout -> LocalOriginTimeout, connected
+    -> LocalOriginConnectSuccessFinal (Envoy's TcpProxy::Filter), one report per attempt."""
+
+    async def main() -> None:
+        lsock = socket.socket()  # a full accept queue: connects to it time out
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(0)
+        bh = lsock.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            try:
+                f.connect(("127.0.0.1", bh))
+            except BlockingIOError:
+                pass
+            fillers.append(f)
+        try:
+            store = Store()
+            cm = FakeClusterManager()
+            up, up_port = await serve(Echo)
+            dead = free_port()
+            c = cm.add("mixed", store, [dead, bh, up_port], connect_timeout=0.2)
+            od = c.outlier = RecordingDetector()  # type: ignore[attr-defined]
+            proto = make_proto(stat_prefix="od", cluster="mixed", max_connect_attempts=3)
+            proxy = await Proxy(build(proto, cm, store)).start()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"hi")
+            writer.write_eof()
+            assert await read_all(reader) == b"hi"
+            writer.close()
+            assert od.calls == [
+                ("failure", dead, "connect_failed"),
+                ("failure", bh, "timeout"),
+                ("success", up_port, True),
+            ]
+            proxy.close()
+            up.close()
+        finally:
+            for f in fillers:
+                f.close()
+            lsock.close()
+
+    run(loop, main())
+
+
+def _cluster_proto(name: str, ports: list[int], **extra: Any) -> Any:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    return json_format.ParseDict(
+        {
+            "name": name,
+            "connect_timeout": "1s",
+            "type": "STATIC",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "127.0.0.1",
+                                            "port_value": p,
+                                        }
+                                    }
+                                }
+                            }
+                            for p in ports
+                        ]
+                    }
+                ],
+            },
+            **extra,
+        },
+        cluster_pb2.Cluster(),
+    )
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_refusing_host_is_ejected_by_the_real_detector(loop: str) -> None:
+    from pyenvoy.upstream.cluster_manager import ClusterManager
+    from pyenvoy.upstream.host import FAILED_OUTLIER_CHECK
+
+    async def main() -> None:
+        store = Store()
+        up, up_port = await serve(Echo)
+        dead = free_port()
+        od = {"consecutive_5xx": 2, "max_ejection_percent": 50, "interval": "60s"}
+        cm = ClusterManager([_cluster_proto("od", [up_port, dead], outlier_detection=od)], store)
+        await cm.initialize()
+        proxy = await Proxy(build(make_proto(stat_prefix="od", cluster="od"), cm, store)).start()
+        results = []
+        for _ in range(8):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"x")
+            writer.write_eof()
+            try:
+                results.append(await read_all(reader))
+            except ConnectionResetError:  # closed with our byte unread: a reset
+                results.append(b"")
+            writer.close()
+        assert results.count(b"") == 2 and results[-4:] == [b"x"] * 4
+        hosts = {h.address[1]: h for h in cm.get("od").hosts}  # type: ignore[union-attr]
+        assert hosts[dead].health_flags & FAILED_OUTLIER_CHECK
+        assert not hosts[up_port].health_flags
+        assert (
+            counter(store, "cluster.od.outlier_detection.ejections_enforced_consecutive_5xx") == 1
+        )
+        # 503 is a gateway failure as well (detected once its count reaches 5: not here).
+        assert counter(store, "cluster.od.outlier_detection.ejections_enforced_total") == 1
+        # The successes count as 200s for the detector: the good host's 5xx run stays 0.
+        assert hosts[up_port].outlier.consecutive_5xx == 0
+        assert hosts[up_port].outlier.ext_success == 6
+        # The TCP pool's request books (what Envoy shows for the same traffic).
+        await settle(lambda: gauge(store, "cluster.od.upstream_rq_active") == 0)
+        assert counter(store, "cluster.od.upstream_rq_pending_total") == 8
+        assert counter(store, "cluster.od.upstream_rq_pending_failure_eject") == 2
+        assert counter(store, "cluster.od.upstream_rq_total") == 6
+        assert gauge(store, "cluster.od.upstream_rq_pending_active") == 0
+        assert hosts[up_port].stats.rq_total.value == 6
+        assert hosts[up_port].stats.rq_active.value == 0
+        # A refused connect's byte was never "received": reads wait for the connect.
+        assert counter(store, "tcp.od.downstream_cx_rx_bytes_total") == 6
+        cm.close()
+        proxy.close()
+        up.close()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hash_policy_source_ip_picks_a_stable_ring_host(loop: str) -> None:
+    from pyenvoy.upstream.cluster_manager import ClusterManager
+    from pyenvoy.upstream.hashing import xxhash64
+
+    class Ident(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            t: asyncio.Transport = transport  # type: ignore[assignment]
+            t.write(str(t.get_extra_info("sockname")[1]).encode())
+            t.close()
+
+    async def main() -> None:
+        store = Store()
+        servers = [await serve(Ident) for _ in range(4)]
+        ports = [p for _, p in servers]
+        cm = ClusterManager([_cluster_proto("ring", ports, lb_policy="RING_HASH")], store)
+        await cm.initialize()
+        proto = make_proto(stat_prefix="h", cluster="ring", hash_policy=[{"source_ip": {}}])
+        factory = build(proto, cm, store)
+        proxy = await Proxy(factory).start()
+        cluster = cm.get("ring")
+        assert cluster is not None
+        picks = {}
+        for last in range(2, 14):
+            src = f"127.0.0.{last}"
+            got = set()
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", proxy.port, local_addr=(src, 0)
+                )
+                got.add(int(await read_all(reader)))
+                writer.close()
+            assert len(got) == 1, src  # the same source IP, the same host
+            picks[src] = got.pop()
+            # ... the host the ring holds for xxHash64 of the IP text (no port)
+            want = cluster.lb.choose_host(_HashOnly(xxhash64(src.encode())))
+            assert want is not None and picks[src] == want.address[1]
+        assert len(set(picks.values())) >= 2
+        # The filter's LoadBalancerContext hash: None without a policy (random pick).
+        f = build(make_proto(stat_prefix="n", cluster="ring"), cm, store)()
+        assert f.compute_hash() is None
+        cm.close()
+        proxy.close()
+        for srv, _ in servers:
+            srv.close()
+
+    run(loop, main())
+
+
+class _HashOnly:
+    """A LoadBalancerContext with a fixed hash."""
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+
+    def compute_hash(self) -> int:
+        return self.h
 
 
 # --- the same config against real Envoy and pyenvoy ---------------------------------------

@@ -6,17 +6,30 @@ Strategy: a cluster has one ResourceManager per routing priority (``default`` an
 ``Resource`` holding a plain ``current`` count and its ``limit``; the connection pool and
 the router do ``can_create()``/``inc()``/``dec()`` and nothing else. The
 ``circuit_breakers.<priority>.<x>_open`` gauge is 1 exactly while ``current >= limit``
-(Envoy sets it after every change), and the ``remaining_*`` gauges exist only with
-``track_remaining`` (as in Envoy). Limits may be overridden by the runtime keys
+(Envoy sets it after every change). The ``remaining_*`` gauges (``remaining_cx``,
+``remaining_pending``, ``remaining_rq``, ``remaining_retries``, ``remaining_cx_pools``)
+exist only for a priority whose threshold has ``track_remaining`` (Envoy binds null gauges
+otherwise); they start at the *configured* limits (Envoy's ManagedResourceImpl sets them in
+its constructor, before any runtime override) and follow ``limit - current`` on every
+change after that. Limits may be overridden by the runtime keys
 ``circuit_breakers.<cluster>.<priority>.max_*``: static layers are folded in at build time;
 only when the bootstrap has an admin layer is the runtime consulted on each check.
 
-Retries use a budget when ``retry_budget`` is set: the limit is then
-``max(min_retry_concurrency, budget_percent% of (active + pending requests))``.
+As in Envoy, the *first* threshold entry of a priority is the one used.
 
-The pool finds its cluster's managers with ``resource_managers(info)``: built on first
-use and cached on the ClusterInfo (the cluster manager may build them eagerly instead, so
-the gauges exist from startup).
+Hot path: while a resource has neither a runtime nor a ``remaining_*`` gauge, taking and
+giving back one far from the limit is a bare ``current`` change (``fast_limit``); only a
+tracked (or runtime) resource sends every change through ``inc``/``released``.
+
+Retries use a budget when ``retry_budget`` is set: the limit is then
+``max(min_retry_concurrency, budget_percent% of (active + pending requests))``. Envoy keeps
+the plain ``max_retries`` resource underneath (it drives ``rq_retry_open``) and, with a
+budget, zeroes ``remaining_retries`` on every use (it cannot be known in advance).
+
+The cluster manager declares the gauges when it builds a ClusterInfo
+(``declare_circuit_breaker_stats``), so they show from startup. The pool and router find
+the managers with ``resource_managers(info)``: built on first use and cached on the
+ClusterInfo, bound to those same gauges.
 """
 
 from __future__ import annotations
@@ -28,6 +41,9 @@ if TYPE_CHECKING:
     from pyenvoy.stats import Gauge, Scope
 
 __all__ = [
+    "declare_circuit_breaker_stats",
+    "thresholds_by_priority",
+    "configured_limits",
     "Resource",
     "RetryBudget",
     "ResourceManager",
@@ -52,8 +68,57 @@ _DEFAULTS = {
 }
 
 
+_OPEN_GAUGES = ("cx_open", "cx_pool_open", "rq_open", "rq_pending_open", "rq_retry_open")
+# remaining_* gauge -> the threshold field whose configured value it starts at
+_REMAINING_GAUGES = (
+    ("remaining_cx", "max_connections"),
+    ("remaining_pending", "max_pending_requests"),
+    ("remaining_rq", "max_requests"),
+    ("remaining_retries", "max_retries"),
+    ("remaining_cx_pools", "max_connection_pools"),
+)
+
+
+def thresholds_by_priority(proto: Any) -> dict[int, Any]:
+    """``circuit_breakers.thresholds`` by priority: the first entry of a priority wins
+    (Envoy's ClusterInfoImpl looks each priority up with find_if)."""
+    out: dict[int, Any] = {}
+    if proto is not None and proto.HasField("circuit_breakers"):
+        for t in proto.circuit_breakers.thresholds:
+            out.setdefault(t.priority, t)
+    return out
+
+
+def configured_limits(thresholds: Any) -> dict[str, int]:
+    """max_* of one threshold (None: all defaults), before runtime overrides."""
+    limits = dict(_DEFAULTS)
+    if thresholds is not None:
+        for name in _DEFAULTS:
+            if thresholds.HasField(name):
+                limits[name] = getattr(thresholds, name).value
+    return limits
+
+
+def declare_circuit_breaker_stats(proto: Any, cluster_scope: Scope) -> None:
+    """Create a cluster's ``circuit_breakers.<priority>.*`` gauges as Envoy has them at
+    startup: the ``*_open`` gauges for both priorities, the ``remaining_*`` gauges only
+    where ``track_remaining`` is set, at the configured limits (a rebuilt cluster starts
+    them over, as Envoy's new ResourceManager does). The ResourceManagers built later bind
+    the same gauges."""
+    by_prio = thresholds_by_priority(proto)
+    for prio, pname in enumerate(PRIORITY_NAMES):
+        scope = cluster_scope.scope(f"circuit_breakers.{pname}")
+        for g in _OPEN_GAUGES:
+            scope.gauge(g)
+        t = by_prio.get(prio)
+        if t is not None and t.track_remaining:
+            limits = configured_limits(t)
+            for g, field in _REMAINING_GAUGES:
+                scope.gauge(g).value = limits[field]
+
+
 class Resource:
-    """One limited resource (Envoy's ResourceImpl)."""
+    """One limited resource (Envoy's ManagedResourceImpl)."""
 
     __slots__ = (
         "current",
@@ -83,7 +148,7 @@ class Resource:
         self.key = key
         self.limit = runtime.get_integer(key, limit) if runtime is not None and key else limit
         if remaining is not None:
-            remaining.value = self.limit
+            remaining.value = limit  # Envoy: the configured max, runtime or not
         # Hot-path shortcut: while ``current + 1 < fast_limit`` taking one is a plain
         # increment (no gauge can change); 0 sends every change through acquire/released.
         self.fast_limit = self.limit if self.runtime is None and remaining is None else 0
@@ -102,8 +167,7 @@ class Resource:
     def inc(self) -> None:
         c = self.current = self.current + 1
         limit = self.limit if self.runtime is None else self.max()
-        if c >= limit:
-            self.open_gauge.value = 1
+        self.open_gauge.value = 0 if c < limit else 1
         r = self.remaining
         if r is not None:
             r.value = limit - c if limit > c else 0
@@ -123,8 +187,7 @@ class Resource:
         """Gauges after ``current`` was decremented by the caller."""
         c = self.current
         limit = self.limit if self.runtime is None else self.max()
-        if c < limit:
-            self.open_gauge.value = 0
+        self.open_gauge.value = 0 if c < limit else 1
         r = self.remaining
         if r is not None:
             r.value = limit - c if limit > c else 0
@@ -134,7 +197,11 @@ class Resource:
 
 
 class RetryBudget(Resource):
-    """Retries limited by a budget of the active and pending requests (retry_budget)."""
+    """Retries limited by a budget of the active and pending requests (retry_budget).
+
+    As Envoy's RetryBudgetImpl: the count lives in the plain ``max_retries`` resource
+    underneath (so ``rq_retry_open`` still says ``current >= max_retries``), while
+    ``can_create`` checks the budget and every use zeroes ``remaining_retries``."""
 
     __slots__ = ("budget_percent", "min_concurrency", "requests", "pending")
 
@@ -142,14 +209,16 @@ class RetryBudget(Resource):
         self,
         budget_percent: float,
         min_concurrency: int,
+        max_retries: int,
         requests: Resource,
         pending: Resource,
         open_gauge: Gauge,
         remaining: Gauge | None,
         runtime: Runtime | None,
         key_prefix: str,
+        max_retries_key: str = "",
     ) -> None:
-        super().__init__(min_concurrency, open_gauge, remaining, None, "")
+        super().__init__(max_retries, open_gauge, remaining, runtime, max_retries_key)
         self.fast_limit = 0
         self.budget_percent = budget_percent
         self.min_concurrency = min_concurrency
@@ -161,25 +230,27 @@ class RetryBudget(Resource):
                 key_prefix + "min_retry_concurrency", min_concurrency
             )
 
+    def max_retries(self) -> int:
+        rt = self.runtime
+        return self.limit if rt is None else rt.get_integer(self.key, self.configured)
+
     def max(self) -> int:
         active = self.requests.current + self.pending.current
         return max(int(self.budget_percent / 100.0 * active), self.min_concurrency)
 
     def can_create(self) -> bool:
+        if self.remaining is not None:
+            self.remaining.value = 0
         return self.current < self.max()
 
     def inc(self) -> None:
         self.current += 1
-        limit = self.max()
-        self.open_gauge.value = 0 if self.current < limit else 1
-        if self.remaining is not None:
-            self.remaining.value = limit - self.current if limit > self.current else 0
+        self.released()
 
     def released(self) -> None:
-        limit = self.max()
-        self.open_gauge.value = 0 if self.current < limit else 1
+        self.open_gauge.value = 0 if self.current < self.max_retries() else 1
         if self.remaining is not None:
-            self.remaining.value = limit - self.current if limit > self.current else 0
+            self.remaining.value = 0
 
 
 class ResourceManager:
@@ -205,21 +276,15 @@ class ResourceManager:
         per_host_max_connections: int | None = None,
     ) -> None:
         self.priority = priority
-        limits = dict(_DEFAULTS)
+        limits = configured_limits(thresholds)
         track = False
         budget = None
         if thresholds is not None:
-            for name in _DEFAULTS:
-                if thresholds.HasField(name):
-                    limits[name] = getattr(thresholds, name).value
             track = thresholds.track_remaining
             if thresholds.HasField("retry_budget"):
                 budget = thresholds.retry_budget
         cb = scope
-        gauges = {
-            g: cb.gauge(g)
-            for g in ("cx_open", "cx_pool_open", "rq_open", "rq_pending_open", "rq_retry_open")
-        }
+        gauges = {g: cb.gauge(g) for g in _OPEN_GAUGES}
 
         def remaining(name: str) -> Gauge | None:
             return cb.gauge(name) if track else None
@@ -258,12 +323,14 @@ class ResourceManager:
                 budget.min_retry_concurrency.value
                 if budget.HasField("min_retry_concurrency")
                 else 3,
+                limits["max_retries"],
                 self.requests,
                 self.pending_requests,
                 gauges["rq_retry_open"],
                 remaining("remaining_retries"),
                 runtime,
                 runtime_prefix + "retry_budget.",
+                runtime_prefix + "max_retries",
             )
         else:
             self.retries = Resource(
@@ -292,12 +359,14 @@ class ResourceManagers:
     def __init__(
         self, proto: Any, name: str, cluster_scope: Scope, runtime: Runtime | None = None
     ) -> None:
-        by_prio: dict[int, Any] = {}
+        by_prio = thresholds_by_priority(proto)
         per_host: dict[int, int] = {}
         if proto is not None and proto.HasField("circuit_breakers"):
-            for t in proto.circuit_breakers.thresholds:
-                by_prio[t.priority] = t  # the last entry of a priority wins
+            seen: set[int] = set()
             for t in proto.circuit_breakers.per_host_thresholds:
+                if t.priority in seen:
+                    continue  # the first entry of a priority wins, as for thresholds
+                seen.add(t.priority)
                 if t.HasField("max_connections"):
                     per_host[t.priority] = t.max_connections.value
         managers = []

@@ -35,6 +35,11 @@ from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.xds import SubscriptionStats
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.upstream import host as host_module
+from pyenvoy.upstream.circuit_breaker import (
+    configured_limits,
+    declare_circuit_breaker_stats,
+    thresholds_by_priority,
+)
 from pyenvoy.upstream.host import ACTIVE_HC_FLAGS, FAILED_EDS_HEALTH, Host
 from pyenvoy.upstream.load_balancer import LoadBalancer, LoadBalancerFactory
 
@@ -308,26 +313,23 @@ class ClusterInfo:
         self.idle_timeout = 3600.0
         self.upstream_http2 = False
         self._read_protocol_options(proto, path)
-        self.circuit_breakers = list(DEFAULT_CIRCUIT_BREAKERS)
-        if proto.HasField("circuit_breakers"):
-            prios = {0: "default", 1: "high"}
-            cbs = {p[0]: p for p in DEFAULT_CIRCUIT_BREAKERS}
-            for t in proto.circuit_breakers.thresholds:
-                name = prios.get(t.priority, "default")
-                cbs[name] = (
-                    name,
-                    t.max_connections.value if t.HasField("max_connections") else 1024,
-                    t.max_pending_requests.value if t.HasField("max_pending_requests") else 1024,
-                    t.max_requests.value if t.HasField("max_requests") else 1024,
-                    t.max_retries.value if t.HasField("max_retries") else 3,
+        # Circuit breakers: (priority, max_connections, max_pending_requests, max_requests,
+        # max_retries) for /clusters (the first threshold of a priority wins, as in Envoy),
+        # and their gauges as Envoy shows them from startup.
+        by_prio = thresholds_by_priority(proto)
+        self.circuit_breakers = []
+        for prio, pname in enumerate(("default", "high")):
+            lim = configured_limits(by_prio.get(prio))
+            self.circuit_breakers.append(
+                (
+                    pname,
+                    lim["max_connections"],
+                    lim["max_pending_requests"],
+                    lim["max_requests"],
+                    lim["max_retries"],
                 )
-            self.circuit_breakers = [cbs["default"], cbs["high"]]
-        for cb in self.circuit_breakers:
-            scope = stats_store.scope(f"cluster.{self.observability_name}.circuit_breakers.{cb[0]}")
-            for g in ("cx_open", "cx_pool_open", "rq_open", "rq_pending_open", "rq_retry_open"):
-                scope.gauge(g)
-            for g in ("remaining_cx", "remaining_pending", "remaining_retries", "remaining_rq"):
-                scope.gauge(g)
+            )
+        declare_circuit_breaker_stats(proto, self.stats.scope)
 
     def _read_protocol_options(self, proto: ClusterProto, path: str) -> None:
         if proto.HasField("max_requests_per_connection"):

@@ -20,6 +20,11 @@ both proxies:
 
 ``filter_state`` policies need filter state objects that are hashable, which pyenvoy does
 not have: they are rejected at config time.
+
+``compile_network_hash_policy`` compiles the L4 form (``envoy.type.v3.HashPolicy``, used by
+tcp_proxy; Envoy's ``Network::HashPolicyImpl``) into the same ``HashPolicy``: its one
+``source_ip`` policy is the same method (xxHash64 of the downstream IP without the port),
+generated with ``headers=None``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ from typing import Any
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.upstream.hashing import xxhash64
 
-__all__ = ["HashPolicy", "compile_hash_policy", "parse_cookie_value", "make_set_cookie_value"]
+__all__ = [
+    "HashPolicy",
+    "compile_hash_policy",
+    "compile_network_hash_policy",
+    "parse_cookie_value",
+    "make_set_cookie_value",
+]
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -56,7 +67,9 @@ class HashPolicy:
     def generate(
         self, headers: Any, stream_info: Any, add_cookie: AddCookie | None = None
     ) -> int | None:
-        """The request's hash, or None when no policy produced one."""
+        """The request's hash, or None when no policy produced one. ``headers`` is None
+        for an L4 connection (tcp_proxy): only ``source_ip`` can produce a hash then, as in
+        Envoy (whose header-based methods yield nothing without a header map)."""
         h: int | None = None
         for method, terminal in self.methods:
             new = method(headers, stream_info, add_cookie)
@@ -115,6 +128,8 @@ def _header_method(name: bytes, rewrite: Callable[[bytes], bytes] | None) -> Met
     pseudo = name[:1] == b":" or name == b"host"
 
     def header(headers: Any, stream_info: Any, add_cookie: Any) -> int | None:
+        if headers is None:  # an L4 connection (tcp_proxy): no headers to hash
+            return None
         if pseudo:
             v = headers.get(name)
             values = [v] if v else []
@@ -144,6 +159,8 @@ def _cookie_method(
     name: bytes, path: bytes, ttl: int | None, attributes: tuple[tuple[bytes, bytes], ...]
 ) -> Method:
     def cookie(headers: Any, stream_info: Any, add_cookie: AddCookie | None) -> int | None:
+        if headers is None:
+            return None
         value = parse_cookie_value(headers, name)
         if value:
             return xxhash64(value)
@@ -174,6 +191,8 @@ def _source_ip(headers: Any, stream_info: Any, add_cookie: Any) -> int | None:
 
 def _query_method(name: bytes) -> Method:
     def query(headers: Any, stream_info: Any, add_cookie: Any) -> int | None:
+        if headers is None:
+            return None
         path = headers.path
         q = path.find(b"?")
         if q < 0:
@@ -221,6 +240,27 @@ def compile_hash_policy(policies: Sequence[Any], path: str = "hash_policy") -> H
         else:
             raise ConfigError("hash policy not set", ppath)
     return HashPolicy(methods)
+
+
+def compile_network_hash_policy(
+    policies: Sequence[Any], path: str = "hash_policy"
+) -> HashPolicy | None:
+    """``envoy.type.v3.HashPolicy`` protos (tcp_proxy's ``hash_policy``, at most one) ->
+    HashPolicy, or None when there is none (the load balancer then picks at random)."""
+    if not len(policies):
+        return None
+    if len(policies) > 1:
+        raise ConfigError("value must contain at most 1 item(s)", path)
+    p = policies[0]
+    ppath = f"{path}[0]"
+    which = p.WhichOneof("policy_specifier")
+    if which == "source_ip":
+        return HashPolicy([(_source_ip, False)])
+    if which == "filter_state":
+        raise ConfigError(
+            "hash_policy filter_state is not supported by pyenvoy", f"{ppath}.filter_state"
+        )
+    raise ConfigError("value is required", f"{ppath}.policy_specifier")
 
 
 def _regex_rewrite(rw: Any, path: str) -> Callable[[bytes], bytes]:

@@ -1,9 +1,9 @@
 """Outlier detection (passive health checking), as Envoy 1.40's DetectorImpl does it.
 
-Strategy: every upstream result reaches the cluster's detector from the router
-(``on_upstream_response(host, status)``, ``on_local_origin_failure(host, reason)``) and lands
-in the host's ``DetectorHostMonitor`` (``host.outlier``, made on first use): a few int
-counters bumped inline. Consecutive-error ejections (5xx, gateway failure, local-origin
+Strategy: every upstream result reaches the cluster's detector from the router or tcp_proxy
+(``on_upstream_response(host, status)``, ``on_local_origin_failure(host, reason)``,
+``on_local_origin_success(host, final)``) and lands in the host's ``DetectorHostMonitor``
+(``host.outlier``, made on first use): a few int counters bumped inline. Consecutive-error ejections (5xx, gateway failure, local-origin
 failure) happen at once when a counter reaches its threshold (``==``, then the counter is
 reset, as in Envoy). Everything else runs on the ``interval`` sweep: un-eject hosts whose
 ejection time ``min(base_ejection_time * backoff, max_ejection_time) + jitter`` has passed,
@@ -15,9 +15,9 @@ enforcing_* percentage is a coin toss. An ejection sets ``/failed_outlier_check`
 rebuilds the cluster's load balancer.
 
 Without ``split_external_local_origin_errors`` local-origin failures count as HTTP codes
-(a reset or connect failure as 503, a timeout as 504); with it they feed separate counters
-and a separate success rate, and each upstream response also counts as a local-origin
-success (Envoy records the successful connect).
+(a reset or connect failure as 503, a timeout as 504, tcp_proxy's final connect success as
+200); with it they feed separate counters and a separate success rate, and each upstream
+response also counts as a local-origin success (Envoy records the successful connect).
 """
 
 from __future__ import annotations
@@ -321,10 +321,15 @@ class OutlierDetector:
         LocalOriginConnectSuccessFinal) counts as a 200 when results are not split. The HTTP
         router need not call this: ``on_upstream_response`` already counts the connect.
         """
+        if self._timer is None and not self._stopped:
+            self._arm()
+        m = host.outlier
+        if m is None or m.detector is not self:
+            m = self.monitor(host)
         if self.split:
-            self.monitor(host).local_origin_no_failure()
+            m.local_origin_no_failure()
         elif final:
-            self.monitor(host).put_http_response_code(200)
+            m.put_http_response_code(200)
 
     def on_active_health_check_success(self, host: Host) -> None:
         """Active HC passed: an ejected host comes back (successful_active_health_check_uneject_host)."""

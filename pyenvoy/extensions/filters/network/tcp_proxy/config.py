@@ -6,9 +6,11 @@ implements become plain slotted attributes (seconds as floats, the weighted-clus
 as a cumulative list for one ``bisect`` per connection); fields that would change
 behaviour but are not implemented (``on_demand``, ``tunneling_config``, ``metadata_match``,
 non-immediate ``upstream_connect_mode``) are a ConfigError naming the field; fields with
-no observable effect in pyenvoy today (``access_log`` & co., ``hash_policy``) are
-accepted with a log line. Stats are Envoy's ``tcp.<stat_prefix>.*``, bound here, so a
-connection only ever does ``stats.x.value += n``.
+no observable effect in pyenvoy today (periodic ``access_log`` flushing) are accepted with
+a log line. ``hash_policy`` (``source_ip``) compiles into the HashPolicy a ring_hash or
+maglev cluster hashes each connection with (``TcpProxyFilter.compute_hash``). Stats are
+Envoy's ``tcp.<stat_prefix>.*``, bound here, so a connection only ever does
+``stats.x.value += n``.
 
 Like Envoy, an unknown cluster name is *not* a config error: each connection looks the
 cluster up again and an unknown one counts ``downstream_cx_no_route`` and closes.
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.stats import Counter, Gauge, StatsStruct, Store
+from pyenvoy.upstream.hash_policy import compile_network_hash_policy
 
 if TYPE_CHECKING:
     from pyenvoy.extensions.registry import FactoryContext
@@ -100,6 +103,7 @@ class TcpProxyConfig:
         "stats",
         "cluster_manager",
         "access_logs",
+        "hash_policy",
     )
 
     def __init__(self, proto: Any, ctx: FactoryContext) -> None:
@@ -247,11 +251,10 @@ class TcpProxyConfig:
                 "%s: tcp_proxy periodic access logging is not supported; lines are written at close",
                 _field(path, "access_log_options"),
             )
-        if len(proto.hash_policy):
-            log.info(
-                "%s: tcp_proxy hash_policy has no effect (pyenvoy has no hash-based load balancer)",
-                _field(path, "hash_policy"),
-            )
+        # hash_policy: the hash a ring_hash / maglev cluster picks the host by (source_ip).
+        self.hash_policy = compile_network_hash_policy(
+            proto.hash_policy, _field(path, "hash_policy")
+        )
         # downstream_idle_timeout / upstream_idle_timeout are [#not-implemented-hide:] in Envoy
         # itself; proxy_protocol_tlvs only matter with an upstream PROXY protocol transport socket.
 

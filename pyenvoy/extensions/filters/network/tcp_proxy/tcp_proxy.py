@@ -14,10 +14,19 @@ Lifecycle, as in Envoy's ``TcpProxy::Filter``:
   (weighted if configured) and a host, start ``loop.create_connection`` (one task per
   connection attempt) and a ``call_later`` connect timer.
 - connect failure / timeout: count the cluster and host stats Envoy's TCP pool counts,
-  retry up to ``max_connect_attempts`` (re-picking cluster and host, optional backoff),
-  then close the downstream without data. No cluster -> ``downstream_cx_no_route``;
-  no healthy host -> ``upstream_cx_none_healthy``.
-- connected: re-enable downstream reads, arm the idle timer.
+  report the host to the cluster's outlier detector (Envoy's LocalOriginConnectFailed /
+  LocalOriginTimeout: a 503 / 504 unless ``split_external_local_origin_errors``), retry up
+  to ``max_connect_attempts`` (re-picking cluster and host, optional backoff), then close
+  the downstream without data. No cluster -> ``downstream_cx_no_route``; no healthy host
+  -> ``upstream_cx_none_healthy``.
+- connected: report LocalOriginConnectSuccessFinal (a 200 for the detector), re-enable
+  downstream reads, arm the idle timer.
+- the TCP pool's request books, as Envoy keeps them for a tcp_proxy session: each attempt
+  is a pending request (``upstream_rq_pending_total``/``_active``) that becomes an active
+  one when connected (``upstream_rq_total``/``_active``, host ``rq_total``/``rq_active``),
+  or ``upstream_rq_pending_failure_eject`` when the connect fails or times out.
+- host choice: the filter is the LoadBalancerContext; ``compute_hash`` gives ring_hash and
+  maglev the ``hash_policy`` hash (source_ip), as Envoy's ``computeHashKey``.
 - EOF from one side -> ``write_eof`` on the other; when both directions have ended, both
   sockets close (after flushing). A full close of one side closes the other: the
   upstream closing flushes the downstream; the downstream closing flushes the upstream
@@ -58,6 +67,19 @@ def _inc(stats: Any, name: str) -> None:
         c.inc()
 
 
+def _add(stats: Any, name: str, n: int) -> None:
+    """Move an optional cluster gauge by ``n``."""
+    g = getattr(stats, name, None)
+    if g is not None:
+        g.add(n)
+
+
+# UpstreamConnection.rq_state: the session as the TCP pool's request
+_RQ_PENDING = 0  # waiting for the connection
+_RQ_ACTIVE = 1  # connected, counted in upstream_rq_active
+_RQ_DONE = 2
+
+
 class UpstreamConnection(asyncio.Protocol):
     """The upstream socket of one tcp_proxy session (Envoy's TcpUpstream + its pool client)."""
 
@@ -66,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         "config",
         "host",
         "info",
+        "outlier",
         "stats",
         "transport",
         "connected",
@@ -76,13 +99,15 @@ class UpstreamConnection(asyncio.Protocol):
         "draining",
         "drain_timer",
         "tx_buffered",
+        "rq_state",
     )
 
-    def __init__(self, parent: TcpProxyFilter, host: Any, info: Any) -> None:
+    def __init__(self, parent: TcpProxyFilter, host: Any, info: Any, outlier: Any = None) -> None:
         self.parent: TcpProxyFilter | None = parent
         self.config = parent.config
         self.host = host
         self.info = info
+        self.outlier = outlier  # the cluster's OutlierDetector, or None
         self.stats = info.stats
         self.transport: asyncio.Transport | None = None
         self.connected = False
@@ -100,6 +125,10 @@ class UpstreamConnection(asyncio.Protocol):
         hs = host.stats
         hs.cx_total.inc()
         hs.cx_active.inc()
+        # The TCP pool's request books: the session is a pending request until connected.
+        self.rq_state = _RQ_PENDING
+        _inc(stats, "upstream_rq_pending_total")
+        _add(stats, "upstream_rq_pending_active", 1)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,6 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.closed = True
         self.transport = None
+        self._rq_closed()
         stats = self.stats
         stats.upstream_cx_active.dec()
         self.host.stats.cx_active.dec()
@@ -185,6 +215,47 @@ class UpstreamConnection(asyncio.Protocol):
         parent = self.parent
         if parent is not None:
             parent.on_upstream_below_write_buffer_low_watermark()
+
+    # --- the pool's request books (upstream_rq_*, host rq_*) ------------------------------
+    def rq_attached(self) -> None:
+        """Connected and handed to the session (Envoy's attachStreamToClient)."""
+        if self.rq_state != _RQ_PENDING:
+            return
+        self.rq_state = _RQ_ACTIVE
+        stats = self.stats
+        _add(stats, "upstream_rq_pending_active", -1)
+        _inc(stats, "upstream_rq_total")
+        _add(stats, "upstream_rq_active", 1)
+        hs = self.host.stats
+        c = getattr(hs, "rq_total", None)
+        if c is not None:
+            c.inc()
+            hs.rq_active.inc()
+
+    def rq_failed(self) -> None:
+        """The connection failed while the session waited (purgePendingStreams)."""
+        if self.rq_state == _RQ_PENDING:
+            self.rq_state = _RQ_DONE
+            _add(self.stats, "upstream_rq_pending_active", -1)
+            _inc(self.stats, "upstream_rq_pending_failure_eject")
+
+    def rq_cancelled(self) -> None:
+        """The session gave up waiting (the downstream went away)."""
+        if self.rq_state == _RQ_PENDING:
+            self.rq_state = _RQ_DONE
+            _add(self.stats, "upstream_rq_pending_active", -1)
+            _inc(self.stats, "upstream_rq_cancelled")
+
+    def _rq_closed(self) -> None:
+        state = self.rq_state
+        if state == _RQ_ACTIVE:
+            _add(self.stats, "upstream_rq_active", -1)
+            g = getattr(self.host.stats, "rq_active", None)
+            if g is not None:
+                g.dec()
+        elif state == _RQ_PENDING:
+            _add(self.stats, "upstream_rq_pending_active", -1)
+        self.rq_state = _RQ_DONE
 
     # --- helpers ------------------------------------------------------------------------
     def _buffer_size(self) -> int:
@@ -311,18 +382,29 @@ class TcpProxyFilter(ReadFilter):
 
     def on_data(self, data: bytes, end_stream: bool) -> int:
         if data:
-            n = len(data)
-            self.stats.downstream_cx_rx_bytes_total.value += n
             t = self.upstream_transport
             if t is not None:
+                n = len(data)
+                self.stats.downstream_cx_rx_bytes_total.value += n
                 self.upstream_stats.upstream_cx_tx_bytes_total.value += n
                 t.write(data)
                 self._last_activity = self.loop.time()  # type: ignore[union-attr]
             elif self.upstream_stats is None and not self.connection.local_close:
-                self._hold_early_data(data)  # still connecting (or between attempts)
+                # Still connecting (or between attempts): Envoy has reads disabled, so these
+                # bytes count as received only when they go upstream.
+                self._hold_early_data(data)
         if end_stream:
             self._on_downstream_eof()
         return nf.STOP_ITERATION
+
+    # --- LoadBalancerContext ------------------------------------------------------------
+    def compute_hash(self) -> int | None:
+        """The connection's hash for ring_hash / maglev (Envoy's computeHashKey): the
+        tcp_proxy hash_policy over the downstream addresses; None picks at random."""
+        hp = self.config.hash_policy
+        if hp is None:
+            return None
+        return hp.generate(None, self.stream_info)
 
     # --- downstream ConnectionCallbacks ----------------------------------------------------
     def on_event(self, event: str) -> None:
@@ -391,6 +473,11 @@ class TcpProxyFilter(ReadFilter):
         self._connect_task = None
         self.upstream_transport = up.transport
         self.upstream_stats = up.stats
+        up.rq_attached()
+        od = up.outlier
+        if od is not None:
+            # Envoy: LocalOriginConnectSuccessFinal (the connection is the transaction).
+            od.on_local_origin_success(up.host, True)
         si = self.stream_info
         if si is not None:
             si.upstream_host = up.host.address
@@ -403,7 +490,9 @@ class TcpProxyFilter(ReadFilter):
         early = self._early_data
         if early is not None and t is not None:
             self._early_data = None
-            up.stats.upstream_cx_tx_bytes_total.value += sum(map(len, early))
+            n = sum(map(len, early))
+            self.stats.downstream_cx_rx_bytes_total.value += n
+            up.stats.upstream_cx_tx_bytes_total.value += n
             t.writelines(early)
         if self.downstream_eof and t is not None:
             try:
@@ -503,7 +592,7 @@ class TcpProxyFilter(ReadFilter):
         if si is not None:
             si.attempt_count = self.connect_attempts
             si.upstream_host = host.address
-        up = UpstreamConnection(self, host, info)
+        up = UpstreamConnection(self, host, info, getattr(cluster, "outlier", None))
         self.upstream = up
         loop = self.loop
         assert loop is not None
@@ -529,6 +618,9 @@ class TcpProxyFilter(ReadFilter):
             self._connect_timer = None
         self._connect_task = None
         self._destroy_unconnected(up, local=False)
+        od = up.outlier
+        if od is not None:
+            od.on_local_origin_failure(up.host, "connect_failed")  # LocalOriginConnectFailed
         self._retry()
 
     def _on_connect_timeout(self) -> None:
@@ -541,6 +633,9 @@ class TcpProxyFilter(ReadFilter):
         if task is not None:
             task.cancel()
         up.stats.upstream_cx_connect_timeout.inc()
+        od = up.outlier
+        if od is not None:
+            od.on_local_origin_failure(up.host, "timeout")  # LocalOriginTimeout
         self._destroy_unconnected(up, local=True)
         self._retry()
 
@@ -549,6 +644,7 @@ class TcpProxyFilter(ReadFilter):
         self.upstream = None
         up.parent = None
         up.closed = True
+        up.rq_failed()
         stats = up.stats
         stats.upstream_cx_connect_fail.inc()
         up.host.stats.cx_connect_fail.inc()
@@ -565,6 +661,7 @@ class TcpProxyFilter(ReadFilter):
     def _abandon_connect(self, up: UpstreamConnection) -> None:
         """The downstream closed while we were still connecting: cancel the attempt."""
         up.parent = None
+        up.rq_cancelled()
         task = self._connect_task
         self._connect_task = None
         if task is not None:
