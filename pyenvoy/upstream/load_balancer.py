@@ -489,10 +489,14 @@ class HashingLoadBalancer(LoadBalancer):
         h: int | None = None
         if context is not None:
             hp = self.hash_policy
-            headers = getattr(context, "headers", None)
             if hp is not None:
-                if headers is not None:  # HTTP only (tcp_proxy passes its own context)
-                    h = hp.generate(headers, context.stream_info, _adder(context))
+                # The cluster's own policy wins over the route's/tcp_proxy's, as in Envoy; for
+                # tcp_proxy (no headers) only connection properties can produce a hash.
+                h = hp.generate(
+                    getattr(context, "headers", None),
+                    getattr(context, "stream_info", None),
+                    _adder(context),
+                )
             else:
                 compute = getattr(context, "compute_hash", None)
                 if compute is not None:

@@ -1,5 +1,5 @@
 """Differential tests: tcp_proxy ``hash_policy: [{source_ip: {}}]`` over RING_HASH and MAGLEV
-clusters (configs/tcp_hash.yaml).
+clusters, and a cluster-level hash policy on connection properties (configs/tcp_hash.yaml).
 
 Four upstreams each answer a connection with their index. Clients connect from many
 loopback source addresses (127.0.0.2 ...): the host a source IP lands on must be the one
@@ -82,7 +82,16 @@ def pick(port: int, source: str) -> str:
     return data.decode() or "-"
 
 
-@pytest.mark.parametrize("listener", ["listener_port", "maglev_listener_port"])
+@pytest.mark.parametrize(
+    "listener",
+    [
+        "listener_port",
+        "maglev_listener_port",
+        # no tcp_proxy policy: the cluster's consistent_hashing_lb_config.hash_policy
+        # (connection_properties.source_ip) hashes the connection
+        "cluster_listener_port",
+    ],
+)
 def test_source_ip_picks_the_same_host_as_envoy(proxy: ProxyProcess, listener: str) -> None:
     port = getattr(proxy, listener)
     picks = [pick(port, src) for src in SOURCES]
