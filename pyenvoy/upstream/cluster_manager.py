@@ -161,7 +161,6 @@ class ClusterStats(StatsStruct):
         self._codes: dict[int, tuple[Any, ...]] = {}
         self._external = scope.scope("external")
         self._rq_time: Any = None
-        self._external_completed: Any = None
 
     def record_response(self, status: int, rq_time_ms: float) -> None:
         """Per-response-code counters and the request time histogram."""
@@ -174,21 +173,19 @@ class ClusterStats(StatsStruct):
                 self.scope.counter(cls),
                 ext.counter(f"upstream_rq_{status}"),
                 ext.counter(cls),
+                self.upstream_rq_completed,
+                ext.counter("upstream_rq_completed"),
             )
         for c in codes:
             c.value += 1
-        self.upstream_rq_completed.value += 1
-        h = self._rq_time
-        if h is None:
-            h = self._rq_time = self.scope.histogram("upstream_rq_time")
-            self._external_completed = (
-                self._external.counter("upstream_rq_completed"),
-                self._external.histogram("upstream_rq_time"),
+        times = self._rq_time
+        if times is None:
+            times = self._rq_time = (
+                self.scope.histogram("upstream_rq_time").record,
+                self._external.histogram("upstream_rq_time").record,
             )
-        h.record(rq_time_ms)
-        ec, eh = self._external_completed
-        ec.value += 1
-        eh.record(rq_time_ms)
+        for record in times:
+            record(rq_time_ms)
 
 
 DEFAULT_CIRCUIT_BREAKERS = [("default", 1024, 1024, 1024, 3), ("high", 1024, 1024, 1024, 3)]

@@ -124,6 +124,7 @@ class ListenerHttpStats(StatsStruct):
     )
 
 
+_monotonic = time.monotonic
 _rid_pool: list[bytes] = []
 
 
@@ -182,27 +183,23 @@ class HcmConfig:
             ListenerHttpStats(lscope.scope(f"http.{proto.stat_prefix}")) if lscope is not None else None
         )
         self.router_stats_scope = root.scope(f"http.{proto.stat_prefix}")
-        self._rq_code_stats = [
-            None,
-            self.stats.downstream_rq_1xx,
-            self.stats.downstream_rq_2xx,
-            self.stats.downstream_rq_3xx,
-            self.stats.downstream_rq_4xx,
-            self.stats.downstream_rq_5xx,
-        ]
+        # Counters a completed response bumps, by status class (index 1-5; 0 and 6-9 for
+        # codes outside 1xx-5xx): downstream_rq_<N>xx and downstream_rq_completed, the
+        # listener's twins too.
+        st = self.stats
         ls = self.listener_stats
-        self._listener_code_stats = (
-            [
-                None,
-                ls.downstream_rq_1xx,
-                ls.downstream_rq_2xx,
-                ls.downstream_rq_3xx,
-                ls.downstream_rq_4xx,
-                ls.downstream_rq_5xx,
-            ]
-            if ls is not None
-            else None
-        )
+        by_class: list[tuple[Any, ...]] = []
+        for cls in range(10):
+            counters: list[Any] = []
+            if 1 <= cls <= 5:
+                counters.append(getattr(st, f"downstream_rq_{cls}xx"))
+                if ls is not None:
+                    counters.append(getattr(ls, f"downstream_rq_{cls}xx"))
+            counters.append(st.downstream_rq_completed)
+            if ls is not None:
+                counters.append(ls.downstream_rq_completed)
+            by_class.append(tuple(counters))
+        self._completed_counters = by_class
         # Route table: inline, or swapped in by an RDS provider (``set_route_table``); a
         # stream reads ``route_table`` once when it routes, so a swap affects new streams.
         self.route_table: Any = None
@@ -479,17 +476,9 @@ class HcmConfig:
         si = stream.stream_info
         code = si.response_code
         if code is not None and stream.response_complete and not si.health_check:
-            cls = code // 100
-            if 1 <= cls <= 5:
-                c = self._rq_code_stats[cls]
-                c.value += 1  # type: ignore[union-attr]
-                lc = self._listener_code_stats
-                if lc is not None:
-                    lc[cls].value += 1  # type: ignore[union-attr]
-            s.downstream_rq_completed.value += 1
-            if self.listener_stats is not None:
-                self.listener_stats.downstream_rq_completed.value += 1
-        s.downstream_rq_time.record((time.monotonic() - si.start_monotonic) * 1000)
+            for c in self._completed_counters[code // 100 % 10]:
+                c.value += 1
+        s.downstream_rq_time.record((_monotonic() - si.start_monotonic) * 1000)
         for logger in self.access_logs:
             logger.log(stream.request_headers, stream.response_headers, si)
 
