@@ -481,6 +481,32 @@ async def test_previous_hosts_predicate_avoids_dead_host(upstream: HttpUpstream)
         assert stats_of(proxy, "cluster.mixed.")["upstream_cx_connect_fail"] >= 1
 
 
+async def test_previous_hosts_predicate_moves_along_the_hash_ring(upstream: HttpUpstream) -> None:
+    # With a hashing balancer every re-selection has the same hash: Envoy passes the
+    # re-selection number to the ring (next entries) / maglev table (mutated hash), so a
+    # request whose key lands on a dead host is retried on another one.
+    policy = {
+        "retry_on": "connect-failure",
+        "num_retries": 1,
+        "retry_host_predicate": [PREVIOUS_HOSTS],
+        "host_selection_retry_max_attempts": 40,
+    }
+    hash_policy = [{"header": {"header_name": "x-key"}}]
+    for lb in ("RING_HASH", "MAGLEV"):
+        cfg = config(
+            [route("/", "hashed", retry_policy=policy, hash_policy=hash_policy)],
+            [cluster("hashed", free_port(), upstream.port, lb_policy=lb)],
+        )
+        async with pyenvoy.Proxy(cfg) as proxy:
+            statuses = [
+                (await request(proxy.port(), "/echo", headers=[("x-key", f"k{i}")])).status
+                for i in range(24)
+            ]
+            assert statuses == [200] * 24, lb
+            # some keys did land on the dead host first
+            assert stats_of(proxy, "cluster.hashed.")["upstream_cx_connect_fail"] >= 1, lb
+
+
 # --- back-off ------------------------------------------------------------------------------
 async def test_backoff_is_jittered_exponential(monkeypatch: pytest.MonkeyPatch) -> None:
     fixed_backoff(monkeypatch, MAX_RANDOM)  # random % interval -> interval - 1

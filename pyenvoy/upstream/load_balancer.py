@@ -509,7 +509,10 @@ class HashingLoadBalancer(LoadBalancer):
             self.panic_counter.value += 1
         if ring is None:
             return None
-        return ring.choose(h)  # type: ignore[no-any-return]
+        # A host re-selection (retry host predicate) moves along the ring/table as Envoy's
+        # chooseHost(hash, attempt) does, with the same hash.
+        attempt = getattr(context, "attempt", 0) if context is not None else 0
+        return ring.choose(h, attempt)  # type: ignore[no-any-return]
 
 
 def _adder(context: Any) -> Any:
@@ -527,13 +530,15 @@ class LoadBalancerContext:
     hash policy with a ``ttl`` may ask for a cookie to be set on the response: those headers
     collect in ``response_headers_to_add`` (the router adds them to the response)."""
 
-    __slots__ = ("headers", "stream_info", "hash_policy", "response_headers_to_add")
+    __slots__ = ("headers", "stream_info", "hash_policy", "response_headers_to_add", "attempt")
 
     def __init__(self, headers: Any, stream_info: Any, hash_policy: Any) -> None:
         self.headers = headers
         self.stream_info = stream_info
         self.hash_policy = hash_policy
         self.response_headers_to_add: list[tuple[bytes, bytes]] | None = None
+        # Host re-selection within one attempt (retry host predicates): 0 for the first pick.
+        self.attempt = 0
 
     def add_response_header(self, name: bytes, value: bytes) -> None:
         if self.response_headers_to_add is None:

@@ -1130,9 +1130,11 @@ class Router(hf.StreamDecoderFilter):
         retry = ext.retry if ext is not None else None
         if retry is None or not retry.previous_hosts:
             return host
-        for _ in range(retry.host_selection_max_attempts - 1):
+        for attempt in range(1, retry.host_selection_max_attempts):
             if host is None or not retry.should_select_another_host(host):
                 return host
+            if lb_context is not None:
+                lb_context.attempt = attempt  # ring hash / maglev: the next entry, same hash
             host = cluster.choose_host(lb_context)
         return host
 
