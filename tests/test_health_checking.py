@@ -1132,6 +1132,7 @@ def test_proxied_immediate_fail_excludes_the_host_until_checks_pass(
         assert after["passive_failure"] - before["passive_failure"] == 1
         assert after["healthy"] == 1
         assert after["attempt"] - before["attempt"] <= 1  # no extra probe
+        assert imm_proxy.stats()["cluster.hc1.membership_excluded"] == 1
         for tid in ids[1:]:
             client.get("/echo", headers={"host": "plain", "x-test-id": tid})
             assert _served(imm_upstreams, tid) == other
@@ -1141,6 +1142,7 @@ def test_proxied_immediate_fail_excludes_the_host_until_checks_pass(
             time.sleep(0.05)
         assert _flags(imm_proxy, "hc1") == {failed: "healthy", other: "healthy"}
         assert _hc_stats(imm_proxy, "hc1")["healthy"] == 2
+        assert imm_proxy.stats()["cluster.hc1.membership_excluded"] == 0
 
 
 def test_a_retried_response_fails_its_host_too(

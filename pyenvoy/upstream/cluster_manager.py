@@ -40,7 +40,13 @@ from pyenvoy.upstream.circuit_breaker import (
     declare_circuit_breaker_stats,
     thresholds_by_priority,
 )
-from pyenvoy.upstream.host import ACTIVE_HC_FLAGS, FAILED_EDS_HEALTH, Host
+from pyenvoy.upstream.host import (
+    ACTIVE_HC_FLAGS,
+    EXCLUDED_VIA_IMMEDIATE_HC_FAIL,
+    FAILED_EDS_HEALTH,
+    PENDING_ACTIVE_HC,
+    Host,
+)
 from pyenvoy.upstream.load_balancer import LoadBalancer, LoadBalancerFactory
 
 if TYPE_CHECKING:
@@ -204,6 +210,7 @@ _EDS_DRAINING = getattr(host_module, "EDS_STATUS_DRAINING", FAILED_EDS_HEALTH)
 _EDS_DEGRADED = getattr(host_module, "DEGRADED_EDS_HEALTH", 0)
 _EDS_FLAGS = {2: FAILED_EDS_HEALTH, 3: _EDS_DRAINING, 4: _EDS_DEGRADED, 5: FAILED_EDS_HEALTH}
 EDS_HEALTH_MASK = FAILED_EDS_HEALTH | _EDS_DRAINING | _EDS_DEGRADED
+_EXCLUDED_FLAGS = PENDING_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL
 
 
 class EndpointConfig(NamedTuple):
@@ -493,6 +500,11 @@ class Cluster:
         self.healthy_hosts = self.lb.hosts
         stats.membership_total.set(len(self.hosts))
         stats.membership_healthy.set(len([h for h in self.hosts if not h.health_flags]))
+        # Envoy's excluded hosts: pending their first active check or failed by an upstream's
+        # x-envoy-immediate-health-check-fail (and EDS draining, which pyenvoy treats as failed).
+        stats.membership_excluded.set(
+            len([h for h in self.hosts if h.health_flags & _EXCLUDED_FLAGS])
+        )
         stats.max_host_weight.set(max((h.weight for h in self.hosts), default=0))
 
     def choose_host(self, context: Any = None) -> Host | None:
