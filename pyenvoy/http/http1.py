@@ -2,7 +2,11 @@
 
 Strategy: a parser owns one byte buffer and a small integer state (head, CL body, chunk-size
 line, chunk data, chunk CRLF, trailers, stream, message-done). ``feed()`` runs a loop over the
-buffer that never walks single bytes in Python. Fast path for a head: ``find(b"\r\n\r\n")``,
+buffer that never walks single bytes in Python. A read that holds one whole message of the
+usual shape (a keep-alive GET; a response head with its Content-Length body) while the parser
+is idle goes through ``_fast()`` instead: the same checks and callbacks in one step, without
+the state machine; anything else (pipelined bytes, partial heads, odd framing) falls back to
+it, so the general path stays the reference. Fast path for a head: ``find(b"\r\n\r\n")``,
 ``split(b" ")`` of the request line, then ONE ``findall`` of a line-anchored regex over the
 header block; the block is accepted only if every line matched (match count == LF count) and
 ``translate()`` finds no forbidden byte. Anything unusual (bare LF, obs-fold, trailing OWS,
