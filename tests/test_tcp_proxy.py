@@ -1436,3 +1436,134 @@ def test_same_behaviour_and_stats_as_envoy(kind: str) -> None:
             p.stop()
     finally:
         up.stop()
+
+
+# --- circuit breakers -------------------------------------------------------------------------
+class CircuitBreakerClusterStats(StatsStruct):
+    COUNTERS = FakeClusterStats.COUNTERS + (
+        "upstream_cx_overflow",
+        "upstream_rq_pending_overflow",
+        "upstream_rq_pending_total",
+        "upstream_rq_total",
+    )
+    GAUGES = FakeClusterStats.GAUGES + ("upstream_rq_pending_active", "upstream_rq_active")
+    HISTOGRAMS = FakeClusterStats.HISTOGRAMS
+
+
+def _with_circuit_breakers(cluster: FakeCluster, store: Store, **threshold: Any) -> None:
+    """Give a fake cluster a proto with one default-priority threshold (what
+    resource_managers() reads) and the overflow counters."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    info = cluster.info
+    info.proto = json_format.ParseDict(  # type: ignore[attr-defined]
+        {"name": info.name, "circuit_breakers": {"thresholds": [threshold]}},
+        cluster_pb2.Cluster(),
+    )
+    info.stats = CircuitBreakerClusterStats(store.scope(f"cluster.{info.name}"))  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_max_connections_closes_the_next_session_at_once(loop: str) -> None:
+    """Envoy: no queueing; the session over the limit is closed with no data (UO), and the
+    limit is free again once the first session's upstream connection is gone."""
+
+    async def main() -> None:
+        store = Store()
+        up, up_port = await serve(Echo)
+        cm = FakeClusterManager()
+        c = cm.add("cb", store, [up_port])
+        _with_circuit_breakers(
+            c, store, max_connections=1, max_pending_requests=1, track_remaining=True
+        )
+        proxy = await Proxy(build(make_proto(stat_prefix="cb", cluster="cb"), cm, store)).start()
+        pre = "cluster.cb.circuit_breakers.default."
+        r1, w1 = await asyncio.open_connection("127.0.0.1", proxy.port)
+        w1.write(b"one")
+        assert await r1.readexactly(3) == b"one"
+        assert gauge(store, pre + "cx_open") == 1
+        assert gauge(store, pre + "remaining_cx") == 0
+        assert gauge(store, pre + "remaining_pending") == 1
+        assert gauge(store, pre + "remaining_rq") == 1023
+
+        r2, w2 = await asyncio.open_connection("127.0.0.1", proxy.port)
+        start = time.monotonic()
+        assert await read_all(r2) == b""  # closed at once, not queued
+        assert time.monotonic() - start < 0.5
+        w2.close()
+        assert counter(store, "cluster.cb.upstream_cx_overflow") == 1
+        assert counter(store, "cluster.cb.upstream_cx_total") == 1
+        assert counter(store, "cluster.cb.upstream_rq_pending_overflow") == 0
+        assert counter(store, "tcp.cb.downstream_cx_total") == 2
+        w1.write(b"still")  # the first session is unaffected
+        assert await r1.readexactly(5) == b"still"
+
+        w1.close()
+        await settle(lambda: gauge(store, "cluster.cb.upstream_cx_active") == 0)
+        assert gauge(store, pre + "cx_open") == 0
+        assert gauge(store, pre + "remaining_cx") == 1
+        assert gauge(store, pre + "remaining_rq") == 1024
+        r3, w3 = await asyncio.open_connection("127.0.0.1", proxy.port)
+        w3.write(b"three")
+        assert await r3.readexactly(5) == b"three"
+        w3.close()
+        await settle(lambda: gauge(store, "cluster.cb.upstream_cx_active") == 0)
+        assert gauge(store, pre + "remaining_cx") == 1
+        assert counter(store, "cluster.cb.upstream_cx_overflow") == 1
+        proxy.close()
+        up.close()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pending_overflow_is_retried_then_gives_up(loop: str) -> None:
+    """max_pending_requests 0: every attempt overflows in the pool (no connection made);
+    tcp_proxy retries up to max_connect_attempts, then closes the downstream."""
+
+    async def main() -> None:
+        store = Store()
+        up, up_port = await serve(Echo)
+        cm = FakeClusterManager()
+        c = cm.add("pend", store, [up_port])
+        _with_circuit_breakers(c, store, max_pending_requests=0)
+        proto = make_proto(stat_prefix="p", cluster="pend", max_connect_attempts=2)
+        proxy = await Proxy(build(proto, cm, store)).start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        assert await read_all(reader) == b""
+        writer.close()
+        assert counter(store, "cluster.pend.upstream_rq_pending_overflow") == 2
+        assert counter(store, "cluster.pend.upstream_cx_connect_attempts_exceeded") == 1
+        assert counter(store, "cluster.pend.upstream_cx_total") == 0
+        assert counter(store, "cluster.pend.upstream_cx_overflow") == 0
+        # As in Envoy: *_open only changes on inc/dec, and nothing was taken.
+        assert gauge(store, "cluster.pend.circuit_breakers.default.rq_pending_open") == 0
+        proxy.close()
+        up.close()
+
+    run(loop, main())
+
+
+def test_connect_failure_gives_the_connection_back() -> None:
+    """A refused connect (and the retry) must not leak the max_connections resource."""
+
+    async def main() -> None:
+        store = Store()
+        cm = FakeClusterManager()
+        c = cm.add("dead", store, [free_port()])
+        _with_circuit_breakers(c, store, max_connections=1, track_remaining=True)
+        proto = make_proto(stat_prefix="d", cluster="dead", max_connect_attempts=2)
+        proxy = await Proxy(build(proto, cm, store)).start()
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            assert await read_all(reader) == b""
+            writer.close()
+        assert counter(store, "cluster.dead.upstream_cx_connect_fail") == 4
+        assert counter(store, "cluster.dead.upstream_cx_overflow") == 0
+        pre = "cluster.dead.circuit_breakers.default."
+        assert gauge(store, pre + "remaining_cx") == 1
+        assert gauge(store, pre + "remaining_pending") == 1024
+        assert gauge(store, pre + "cx_open") == 0
+        proxy.close()
+
+    run("asyncio", main())

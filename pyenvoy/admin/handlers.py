@@ -595,6 +595,28 @@ def _clusters(server: Any) -> list[Any]:
 _DEFAULT_CB = [("default", 1024, 1024, 1024, 3), ("high", 1024, 1024, 1024, 3)]
 
 
+def _circuit_breaker_limits(server: Any, info: Any) -> list[Any]:
+    """(priority, max_connections, max_pending_requests, max_requests, max_retries) as Envoy
+    prints them: the limits the cluster's ResourceManagers enforce (runtime overrides
+    applied); the static ones for a cluster without stats (a stand-in)."""
+    if getattr(info, "stats", None) is None:
+        return getattr(info, "circuit_breakers", None) or _DEFAULT_CB
+    from pyenvoy import runtime as runtime_mod
+    from pyenvoy.upstream.circuit_breaker import resource_managers
+
+    rms = resource_managers(info, runtime_mod.for_server(server))
+    return [
+        (
+            pname,
+            rm.connections.max(),
+            rm.pending_requests.max(),
+            rm.requests.max(),
+            rm.retries.max(),
+        )
+        for pname, rm in zip(("default", "high"), rms.by_priority, strict=True)
+    ]
+
+
 def _locality(host: Any) -> tuple[str, str, str]:
     return config_dump._host_locality(host)
 
@@ -625,9 +647,7 @@ def _clusters_text(server: Any, name_re: re.Pattern[str] | None) -> str:
                 "local_origin_success_rate_ejection_threshold",
             ):
                 out.append(f"{name}::outlier::{field}::{float(getattr(od, field, -1.0)):g}\n")
-        for prio, max_cx, max_pending, max_rq, max_retries in (
-            getattr(info, "circuit_breakers", None) or _DEFAULT_CB
-        ):
+        for prio, max_cx, max_pending, max_rq, max_retries in _circuit_breaker_limits(server, info):
             p = f"{name}::{prio}_priority::"
             out.append(f"{p}max_connections::{max_cx}\n")
             out.append(f"{p}max_pending_requests::{max_pending}\n")
@@ -712,9 +732,7 @@ def _clusters_json(server: Any, name_re: re.Pattern[str] | None) -> str:
             hs.locality.SetInParent()
             region, zone, sub_zone = _locality(host)
             hs.locality.region, hs.locality.zone, hs.locality.sub_zone = region, zone, sub_zone
-        for prio, max_cx, max_pending, max_rq, max_retries in (
-            getattr(info, "circuit_breakers", None) or _DEFAULT_CB
-        ):
+        for prio, max_cx, max_pending, max_rq, max_retries in _circuit_breaker_limits(server, info):
             t = cs.circuit_breakers.thresholds.add()
             t.priority = 1 if prio == "high" else 0
             t.max_connections.value = max_cx

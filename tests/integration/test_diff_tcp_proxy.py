@@ -8,11 +8,14 @@ connection is closed with no data). Expected values are what real Envoy 1.40 doe
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -159,3 +162,101 @@ def test_upstream_connect_failure_closes_downstream(proxy: ProxyProcess) -> None
         stats["tcp.tcp_dead.downstream_cx_total"] == before["tcp.tcp_dead.downstream_cx_total"] + 1
     )
     assert stats["tcp.tcp_dead.downstream_cx_rx_bytes_total"] == 0
+
+
+# --- circuit breakers (configs/tcp_proxy_cb.yaml) -------------------------------------------
+@pytest.fixture(scope="module")
+def cb_proxy(proxy_kind: str, echo_upstream: TcpEchoUpstream) -> Iterator[ProxyProcess]:
+    p = start_proxy(proxy_kind, load_config("tcp_proxy_cb.yaml"), upstream_port=echo_upstream.port)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def _recv_or_reset(s: socket.socket) -> bytes:
+    try:
+        return s.recv(100)
+    except ConnectionResetError:
+        return b""
+
+
+def _gauges(stats: dict[str, Any], cluster: str) -> dict[str, Any]:
+    pre = f"cluster.{cluster}.circuit_breakers.default."
+    return {k[len(pre) :]: v for k, v in stats.items() if k.startswith(pre)}
+
+
+def test_max_connections_closes_second_session_at_once(cb_proxy: ProxyProcess) -> None:
+    """max_connections 1 and two long-lived clients: Envoy does not queue the second one; it
+    closes it at once with no data (upstream_cx_overflow, UO), the first keeps working."""
+    before = cb_proxy.stats()
+    port = cb_proxy.listener_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as a:
+        a.sendall(b"first")
+        assert a.recv(100) == b"first"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as b:
+            start = time.monotonic()
+            assert _recv_or_reset(b) == b""
+            assert time.monotonic() - start < 0.5
+        stats = cb_proxy.wait_stat(
+            "cluster.cb.upstream_cx_overflow", before["cluster.cb.upstream_cx_overflow"] + 1
+        )
+        g = _gauges(stats, "cb")
+        assert (g["cx_open"], g["remaining_cx"], g["remaining_pending"]) == (1, 0, 1)
+        assert (g["rq_open"], g["rq_pending_open"], g["remaining_rq"]) == (0, 0, 1023)
+        for name, delta in (
+            ("cluster.cb.upstream_cx_overflow", 1),
+            ("cluster.cb.upstream_cx_total", 1),
+            ("cluster.cb.upstream_rq_pending_total", 1),
+            ("cluster.cb.upstream_rq_total", 1),
+            ("cluster.cb.upstream_rq_pending_overflow", 0),
+            ("tcp.tcp_cb.downstream_cx_total", 2),
+            ("tcp.tcp_cb.upstream_flush_total", 0),
+        ):
+            assert stats[name] == before[name] + delta, name
+        assert stats["cluster.cb.upstream_cx_active"] == 1
+        a.sendall(b"again")
+        assert a.recv(100) == b"again"
+    stats = cb_proxy.wait_stat("cluster.cb.upstream_cx_active", 0)
+    g = _gauges(stats, "cb")
+    assert (g["cx_open"], g["remaining_cx"], g["remaining_rq"]) == (0, 1, 1024)
+
+
+def test_pending_overflow_retries_then_closes(cb_proxy: ProxyProcess) -> None:
+    """max_pending_requests 0: each attempt overflows in the pool without a connection;
+    tcp_proxy tries max_connect_attempts times, then closes the downstream."""
+    before = cb_proxy.stats()
+    with socket.create_connection(("127.0.0.1", cb_proxy.pending_listener_port), timeout=5) as s:
+        assert _recv_or_reset(s) == b""
+    stats = cb_proxy.wait_stat(
+        "cluster.cb_pending.upstream_cx_connect_attempts_exceeded",
+        before["cluster.cb_pending.upstream_cx_connect_attempts_exceeded"] + 1,
+    )
+    for name, delta in (
+        ("cluster.cb_pending.upstream_rq_pending_overflow", 2),
+        ("cluster.cb_pending.upstream_cx_connect_attempts_exceeded", 1),
+        ("cluster.cb_pending.upstream_cx_total", 0),
+        ("cluster.cb_pending.upstream_cx_overflow", 0),
+        ("tcp.tcp_pending.downstream_cx_total", 1),
+    ):
+        assert stats[name] == before[name] + delta, name
+    assert _gauges(stats, "cb_pending")["rq_pending_open"] == 0
+
+
+def test_clusters_prints_runtime_resolved_limits(cb_proxy: ProxyProcess) -> None:
+    with urllib.request.urlopen(cb_proxy.admin_url + "/clusters", timeout=5) as r:
+        lines = set(r.read().decode().splitlines())
+    for line in (
+        "cb_runtime::default_priority::max_connections::2",  # runtime over the static 5
+        "cb_runtime::default_priority::max_pending_requests::1024",
+        "cb_runtime::default_priority::max_retries::7",
+        "cb_runtime::high_priority::max_connections::1024",
+        "cb_runtime::high_priority::max_requests::9",
+        "cb::default_priority::max_connections::1",
+        "cb::default_priority::max_pending_requests::1",
+    ):
+        assert line in lines, line
+    with urllib.request.urlopen(cb_proxy.admin_url + "/clusters?format=json", timeout=5) as r:
+        doc = json.loads(r.read())
+    (status,) = [c for c in doc["cluster_statuses"] if c["name"] == "cb_runtime"]
+    assert status["circuit_breakers"]["thresholds"][0]["max_connections"] == 2

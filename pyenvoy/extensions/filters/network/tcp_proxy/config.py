@@ -23,6 +23,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any
 
+from pyenvoy import runtime as runtime_mod
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.stats import Counter, Gauge, StatsStruct, Store
 from pyenvoy.upstream.hash_policy import compile_network_hash_policy
@@ -102,6 +103,7 @@ class TcpProxyConfig:
         "max_duration_jitter",
         "stats",
         "cluster_manager",
+        "runtime",
         "access_logs",
         "hash_policy",
     )
@@ -261,6 +263,8 @@ class TcpProxyConfig:
         scope = ctx.stats if ctx.stats is not None else Store()
         self.stats = TcpProxyStats(scope.scope(f"tcp.{self.stat_prefix}"))
         self.cluster_manager = ctx.cluster_manager
+        # The runtime the clusters' circuit breakers read (as the router's).
+        self.runtime = runtime_mod.for_server(ctx.server)
 
     def pick_cluster(self) -> str:
         """The cluster for one connection (attempt): fixed, or by weight."""

@@ -25,6 +25,14 @@ Lifecycle, as in Envoy's ``TcpProxy::Filter``:
   is a pending request (``upstream_rq_pending_total``/``_active``) that becomes an active
   one when connected (``upstream_rq_total``/``_active``, host ``rq_total``/``rq_active``),
   or ``upstream_rq_pending_failure_eject`` when the connect fails or times out.
+- circuit breakers (the cluster's default-priority ResourceManager, shared with the HTTP
+  pools): at the ``max_connections`` limit the session is not queued, the downstream is
+  closed at once (``upstream_cx_overflow``, flag UO, no retry), as Envoy's tcp_proxy checks
+  the limit before asking its pool. The upstream connection then holds the connections
+  resource for its life, the pending-requests resource while connecting and the requests
+  resource once attached; at the ``max_pending_requests`` limit the attempt fails
+  (``upstream_rq_pending_overflow``, no connection made) and is retried like a connect
+  failure but without UF, ending in URX.
 - host choice: the filter is the LoadBalancerContext; ``compute_hash`` gives ring_hash and
   maglev the ``hash_policy`` hash (source_ip), as Envoy's ``computeHashKey``.
 - EOF from one side -> ``write_eof`` on the other; when both directions have ended, both
@@ -50,12 +58,15 @@ from pyenvoy.stream_info import (
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE_FOUND,
     UPSTREAM_CONNECTION_FAILURE,
+    UPSTREAM_OVERFLOW,
     UPSTREAM_RETRY_LIMIT_EXCEEDED,
     StreamInfo,
 )
+from pyenvoy.upstream.circuit_breaker import resource_managers
 
 if TYPE_CHECKING:
     from pyenvoy.extensions.filters.network.tcp_proxy.config import TcpProxyConfig
+    from pyenvoy.upstream.circuit_breaker import ResourceManager
 
 log = logging.getLogger("pyenvoy.tcp_proxy")
 
@@ -100,9 +111,17 @@ class UpstreamConnection(asyncio.Protocol):
         "drain_timer",
         "tx_buffered",
         "rq_state",
+        "rm",
     )
 
-    def __init__(self, parent: TcpProxyFilter, host: Any, info: Any, outlier: Any = None) -> None:
+    def __init__(
+        self,
+        parent: TcpProxyFilter,
+        host: Any,
+        info: Any,
+        outlier: Any = None,
+        rm: ResourceManager | None = None,
+    ) -> None:
         self.parent: TcpProxyFilter | None = parent
         self.config = parent.config
         self.host = host
@@ -129,6 +148,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.rq_state = _RQ_PENDING
         _inc(stats, "upstream_rq_pending_total")
         _add(stats, "upstream_rq_pending_active", 1)
+        # Circuit breakers: the connection holds max_connections until it is gone, the
+        # session max_pending_requests until attached (the caller checked both).
+        self.rm = rm
+        if rm is not None:
+            rm.connections.inc()
+            rm.pending_requests.inc()
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -179,6 +204,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._rq_closed()
+        self.release_connection()
         stats = self.stats
         stats.upstream_cx_active.dec()
         self.host.stats.cx_active.dec()
@@ -222,6 +248,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.rq_state != _RQ_PENDING:
             return
         self.rq_state = _RQ_ACTIVE
+        rm = self.rm
+        if rm is not None:
+            rm.pending_requests.dec()
+            rm.requests.inc()
         stats = self.stats
         _add(stats, "upstream_rq_pending_active", -1)
         _inc(stats, "upstream_rq_total")
@@ -236,6 +266,8 @@ class UpstreamConnection(asyncio.Protocol):
         """The connection failed while the session waited (purgePendingStreams)."""
         if self.rq_state == _RQ_PENDING:
             self.rq_state = _RQ_DONE
+            if self.rm is not None:
+                self.rm.pending_requests.dec()
             _add(self.stats, "upstream_rq_pending_active", -1)
             _inc(self.stats, "upstream_rq_pending_failure_eject")
 
@@ -243,19 +275,33 @@ class UpstreamConnection(asyncio.Protocol):
         """The session gave up waiting (the downstream went away)."""
         if self.rq_state == _RQ_PENDING:
             self.rq_state = _RQ_DONE
+            if self.rm is not None:
+                self.rm.pending_requests.dec()
             _add(self.stats, "upstream_rq_pending_active", -1)
             _inc(self.stats, "upstream_rq_cancelled")
 
     def _rq_closed(self) -> None:
         state = self.rq_state
+        rm = self.rm
         if state == _RQ_ACTIVE:
+            if rm is not None:
+                rm.requests.dec()
             _add(self.stats, "upstream_rq_active", -1)
             g = getattr(self.host.stats, "rq_active", None)
             if g is not None:
                 g.dec()
         elif state == _RQ_PENDING:
+            if rm is not None:
+                rm.pending_requests.dec()
             _add(self.stats, "upstream_rq_pending_active", -1)
         self.rq_state = _RQ_DONE
+
+    def release_connection(self) -> None:
+        """Give back the max_connections resource (once: the connection is gone)."""
+        rm = self.rm
+        if rm is not None:
+            self.rm = None
+            rm.connections.dec()
 
     # --- helpers ------------------------------------------------------------------------
     def _buffer_size(self) -> int:
@@ -575,6 +621,14 @@ class TcpProxyFilter(ReadFilter):
         info = cluster.info
         if si is not None:
             si.upstream_cluster = info.name
+        rm = resource_managers(info, config.runtime).default
+        if not rm.connections.can_create():
+            # Envoy checks max_connections before asking its pool: no queueing, no retry.
+            _inc(info.stats, "upstream_cx_overflow")
+            if si is not None:
+                si.set_response_flag(UPSTREAM_OVERFLOW)
+            self._init_failure()
+            return
         if self.connect_attempts >= config.max_connect_attempts:
             _inc(info.stats, "upstream_cx_connect_attempts_exceeded")
             if si is not None:
@@ -591,8 +645,15 @@ class TcpProxyFilter(ReadFilter):
         self.connect_attempts += 1
         if si is not None:
             si.attempt_count = self.connect_attempts
+        if not rm.pending_requests.can_create():
+            # The pool refuses to queue the session (PoolFailureReason::Overflow): no
+            # connection, no host in the log; tcp_proxy retries, then gives up with URX.
+            _inc(info.stats, "upstream_rq_pending_overflow")
+            self._retry()
+            return
+        if si is not None:
             si.upstream_host = host.address
-        up = UpstreamConnection(self, host, info, getattr(cluster, "outlier", None))
+        up = UpstreamConnection(self, host, info, getattr(cluster, "outlier", None), rm)
         self.upstream = up
         loop = self.loop
         assert loop is not None
@@ -645,6 +706,7 @@ class TcpProxyFilter(ReadFilter):
         up.parent = None
         up.closed = True
         up.rq_failed()
+        up.release_connection()
         stats = up.stats
         stats.upstream_cx_connect_fail.inc()
         up.host.stats.cx_connect_fail.inc()
@@ -668,6 +730,7 @@ class TcpProxyFilter(ReadFilter):
             task.cancel()
         if up.transport is None and not up.closed:
             up.closed = True
+            up.release_connection()
             stats = up.stats
             stats.upstream_cx_active.dec()
             up.host.stats.cx_active.dec()
