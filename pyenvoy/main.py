@@ -188,6 +188,9 @@ class _ProcessRunner:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+            # --watch-config: only this process watches the -c file; a change reloads here
+            # and in every worker, as SIGHUP does.
+            server.on_config_file_changed = on_sighup  # type: ignore[method-assign]
 
     def _inherit(self, workers: int) -> dict[tuple[str, int, int], socket.socket]:
         """The parent's listening sockets, by (host, configured port, worker index): all of

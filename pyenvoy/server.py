@@ -275,8 +275,18 @@ class Server:
             self._signals.append(signal.SIGHUP)
         except (NotImplementedError, RuntimeError, ValueError):
             pass
-        if getattr(opts, "watch_config", False) and getattr(opts, "config_path", ""):
-            self.xds.watcher.watch(opts.config_path, None, self.request_reload)
+        if (
+            getattr(opts, "watch_config", False)
+            and getattr(opts, "config_path", "")
+            and self.xds.remote is None  # a worker: the main process watches and signals it
+        ):
+            # (looked up at each change: main.py may replace it once workers run)
+            self.xds.watcher.watch(opts.config_path, None, lambda: self.on_config_file_changed())
+
+    def on_config_file_changed(self) -> None:
+        """``--watch-config``: the ``-c`` file changed (with workers, main.py extends this to
+        reload every worker too, as SIGHUP does)."""
+        self.request_reload()
 
     def request_reload(self) -> None:
         """Reload the config from its files soon (SIGHUP, a changed ``-c`` file)."""

@@ -253,6 +253,37 @@ def test_watch_config_reloads_on_file_change() -> None:
             time.sleep(0.05)
 
 
+def test_watch_config_with_workers_is_watched_by_the_main_process_only() -> None:
+    admin, p1 = free_port(), free_port()
+
+    def body(text: str) -> str:
+        return static_config(admin, [listener("l1", p1, hcm("l1", routes=route_config("", text)))])
+
+    def all_say(text: str, within: float) -> None:
+        t0 = time.monotonic()
+        while True:
+            bodies = {http_get(p1)[1] for _ in range(12)}  # new connections: both workers
+            if bodies == {text.encode()}:
+                return
+            assert time.monotonic() - t0 < within, bodies
+            time.sleep(0.05)
+
+    with Proc(body("one"), "--watch-config", "--concurrency", "2", admin_port=admin) as proc:
+        assert proc.proc is not None
+        all_say("one", 10)
+        proc.rewrite(body("two"))
+        all_say("two", 2.0)
+        # The main process stopped: the workers do not watch the file themselves.
+        proc.proc.send_signal(signal.SIGSTOP)
+        try:
+            proc.rewrite(body("three"))
+            time.sleep(1.2)
+            assert {http_get(p1)[1] for _ in range(12)} == {b"two"}
+        finally:
+            proc.proc.send_signal(signal.SIGCONT)
+        all_say("three", 2.5)
+
+
 # ---- in-process: Server.reload() ----------------------------------------------------------
 
 
