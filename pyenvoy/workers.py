@@ -35,8 +35,19 @@ active health flags over the control sockets (op ``host_health``, see
 ``pyenvoy.upstream.health_check.encode_health``); a worker's ClusterManager never starts
 checkers and applies what arrives (``RemoteHealth``). A worker gets the whole state in its
 ``init`` frame and again once ready; until the main process's first round for a cluster is
-done the worker's init holds as Envoy's does. DNS and config reloads still run in every
-worker (each owns its ClusterManager); hosts are matched by address.
+done the worker's init holds as Envoy's does. Config reloads still run in every worker
+(each owns its ClusterManager); hosts are matched by address.
+
+DNS (STRICT_DNS / LOGICAL_DNS clusters) is resolved in the main process only, as Envoy
+resolves on its main thread: a ``DnsPublisher`` sends the whole DNS state whenever a
+cluster's answer changes or clusters come or go (op ``dns_hosts``, see
+``pyenvoy.upstream.cluster_manager.encode_dns``); a worker's ClusterManager
+(``use_remote_dns``) starts no lookups or refresh timers and applies the answers
+(``RemoteDns``) through the same ``Cluster.apply_resolution`` as a local lookup; its DNS
+cluster warms once the first answer for it arrived. The ``init`` frame carries the current
+state (so a starting worker does not wait), and the worker gets it again once ready. DNS
+stats (``cluster.<c>.update_attempt|success|failure``) are therefore the main process's
+alone (workers never count them for DNS clusters).
 
 Filesystem xDS (LDS/CDS/EDS/RDS files) is watched and read in the main process only: its
 XdsManager records the bytes of every read and a ``FilePublisher`` sends each new read
@@ -78,6 +89,7 @@ from pyenvoy.hot_restart import (
     send_frame,
 )
 from pyenvoy.stats import Histogram
+from pyenvoy.upstream.cluster_manager import DNS_HOSTS_OP, DnsPublisher, RemoteDns
 from pyenvoy.upstream.health_check import HOST_HEALTH_OP, HealthPublisher, RemoteHealth
 
 if TYPE_CHECKING:
@@ -367,8 +379,10 @@ class WorkerPool:
         self._last_refresh = 0.0
         self._sent_state: dict[str, Any] = {}
         self.health: HealthPublisher | None = None
+        self.dns: DnsPublisher | None = None
         if server.cluster_manager is not None:
             self.health = HealthPublisher(server.cluster_manager, self._send_ready)
+            self.dns = DnsPublisher(server.cluster_manager, self._send_ready)
         self.xds_files: FilePublisher | None = None
         if server.xds.record:
             self.xds_files = FilePublisher(server.xds, self._send_ready)
@@ -441,6 +455,7 @@ class WorkerPool:
                     "bootstrap": self._current_bootstrap(),
                     "sockets": [list(k) for k in keys],
                     "host_health": self.health.snapshot() if self.health is not None else None,
+                    "dns_hosts": self.dns.snapshot() if self.dns is not None else None,
                     "xds_files": xds_files,
                 },
                 fds,
@@ -482,6 +497,8 @@ class WorkerPool:
         w.ready = True
         if self.health is not None:  # what changed while it started
             w.send(self.health.snapshot())
+        if self.dns is not None:
+            w.send(self.dns.snapshot())
         if self.xds_files is not None:  # files read while it started
             for msg in self.xds_files.since(w.xds_generation):
                 w.send(msg)
@@ -597,6 +614,8 @@ class WorkerPool:
             self._monitor.cancel()
         if self.health is not None:
             self.health.close()
+        if self.dns is not None:
+            self.dns.close()
         if self.xds_files is not None:
             self.xds_files.close()
         for w in self.workers:
@@ -892,6 +911,10 @@ class _Control:
                 envoy_log.set_level(component, level)
         elif op == XDS_FILE_OP:
             self.server.xds.push(msg)
+        elif op == DNS_HOSTS_OP:
+            remote_dns = getattr(self.server.cluster_manager, "remote_dns", None)
+            if remote_dns is not None:
+                remote_dns.update(msg)
         elif op == HOST_HEALTH_OP:
             remote = getattr(self.server.cluster_manager, "remote_health", None)
             if remote is not None:
@@ -931,6 +954,7 @@ async def _worker_serve(
     sockets: dict[tuple[str, int], socket.socket],
     host_health: dict[str, Any] | None = None,
     xds_files: list[dict[str, Any]] | None = None,
+    dns_hosts: dict[str, Any] | None = None,
 ) -> int:
     from pyenvoy.server import Server
 
@@ -947,6 +971,11 @@ async def _worker_serve(
             server.cluster_manager.use_remote_health(remote)
             if host_health:
                 remote.update(host_health)
+            # ... and resolves DNS; we take its answers.
+            remote_dns = RemoteDns()
+            server.cluster_manager.use_remote_dns(remote_dns)
+            if dns_hosts:
+                remote_dns.update(dns_hosts)
         await server.start(inherited_sockets=sockets, admin=False)
     except Exception as e:
         send_frame(ctl, {"op": "failed", "error": f"worker {index}: {e}"})
@@ -1007,6 +1036,7 @@ def worker_main(argv: list[str]) -> int:
                 sockets,
                 msg.get("host_health"),
                 msg.get("xds_files"),
+                msg.get("dns_hosts"),
             )
         )
     except KeyboardInterrupt:

@@ -627,3 +627,48 @@ def test_xds_files_read_by_main_process_and_pushed_to_workers(tmp_path: Path) ->
         if stopped:
             os.kill(p.proc.pid, signal.SIGCONT)
         p.kill()
+
+
+DNS_CONFIG = CONFIG.replace(
+    "    connect_timeout: 1s\n",
+    "    connect_timeout: 1s\n    type: STRICT_DNS\n    dns_refresh_rate: 0.1s\n"
+    "    dns_lookup_family: V4_ONLY\n",
+).replace(
+    "address: 127.0.0.1, port_value: {upstream_port}",
+    "address: localhost, port_value: {upstream_port}",
+)
+
+
+def test_dns_resolved_once_in_the_main_process(upstream: HttpUpstream, tmp_path: Path) -> None:
+    admin, port = free_port(), free_port()
+    config = tmp_path / "envoy.yaml"
+    config.write_text(
+        DNS_CONFIG.format(admin_port=admin, listener_port=port, upstream_port=upstream.port)
+    )
+    p = PyEnvoy(config, "--concurrency", "2", "--base-id", str(next(_base_ids)))
+    stopped = False
+    try:
+        wait_stat(admin, "listener_manager.workers_started", 1, p)
+        n = 30
+        for _ in range(n):
+            assert get_close(port) == 200
+        assert upstream.request_count == n
+        assert min(per_worker_cx(admin, port)) > 0  # both workers use the pushed host
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        assert stats["cluster.backend.membership_total"] == 1
+        assert stats["cluster.backend.update_success"] >= 1
+        # With the main process stopped nobody resolves: the workers run no DNS timers of
+        # their own (before, each worker kept resolving every 100 ms).
+        before = stats["cluster.backend.update_attempt"]
+        os.kill(p.proc.pid, signal.SIGSTOP)
+        stopped = True
+        time.sleep(1.5)
+        assert get_close(port) == 200  # the workers still serve the last answer
+        os.kill(p.proc.pid, signal.SIGCONT)
+        stopped = False
+        after = read_stats(f"http://127.0.0.1:{admin}")["cluster.backend.update_attempt"]
+        assert before <= after <= before + 4, (before, after)
+    finally:
+        if stopped:
+            os.kill(p.proc.pid, signal.SIGCONT)
+        p.kill()

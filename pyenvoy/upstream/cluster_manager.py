@@ -20,11 +20,21 @@ With worker processes the main process's manager runs the health checks and tell
 ``health_observer`` (the WorkerPool's HealthPublisher) of every result, host-set change and
 cluster added or removed; a worker's manager (``use_remote_health``) never starts checkers
 and takes the main process's results instead (pyenvoy.upstream.health_check).
+
+DNS works the same way, as Envoy resolves on its main thread: the main process's DNS
+clusters resolve and tell ``dns_observer`` (the WorkerPool's ``DnsPublisher``) of every
+answer that changes a cluster's addresses; a worker's manager (``use_remote_dns``) starts
+no lookups or refresh timers: its DNS clusters take the main process's answers
+(``RemoteDns``) through ``Cluster.apply_resolution``, the same function a local lookup ends
+in, and warm once the first answer for their config arrived. Answers are matched by cluster
+name and a digest of the cluster's proto, so a cluster being replaced (reload, CDS) only
+takes answers of the main process's cluster with the same config.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import time
@@ -424,6 +434,13 @@ class Cluster:
         self.outlier: Any = None
         self.retired = False
         self._hc_started = False
+        # DNS: the last answer per configured endpoint (None: none yet); the manager's
+        # observer hears of changes (main process); remote_dns brings answers (worker).
+        self.dns_resolved: list[list[str]] | None = None
+        self.dns_hash = hashlib.sha256(info.proto_hash).hexdigest()[:16]
+        self.dns_observer: Callable[[Cluster], None] | None = None
+        self.remote_dns: RemoteDns | None = None
+        self._dns_ready: asyncio.Future[None] | None = None
         if self.type == "STATIC":
             self.set_hosts([e.host((e.address, e.port), info, e.hostname) for e in self.endpoints])
 
@@ -538,8 +555,11 @@ class Cluster:
         """Warm the cluster: resolve DNS or read the first EDS answer; then start health
         checks and wait for every host's first check, as Envoy's cluster init does."""
         if self.type in ("STRICT_DNS", "LOGICAL_DNS"):
-            await self._resolve()
-            self._schedule_refresh()
+            if self.remote_dns is not None:
+                await self._wait_remote_dns()
+            else:
+                await self._resolve()
+                self._schedule_refresh()
         elif self.eds is not None and not self.eds.initialized:
             self.eds.start()
         if self.outlier is not None and not self.retired:
@@ -568,6 +588,8 @@ class Cluster:
             self.health_checker.end_initialize_hold()
 
     def _schedule_refresh(self) -> None:
+        if self.retired:
+            return
         loop = asyncio.get_running_loop()
         self._refresh_handle = loop.call_later(self.dns_refresh_rate, self._refresh)
 
@@ -583,7 +605,7 @@ class Cluster:
     async def _resolve(self) -> None:
         loop = asyncio.get_running_loop()
         stats = self.info.stats
-        hosts: list[Host] = []
+        resolved: list[list[str]] = []
         failed = False
         for ep in self.endpoints:
             name, port = ep.address, ep.port
@@ -594,15 +616,52 @@ class Cluster:
                 log.warning("cluster %s: DNS resolution of %s failed: %s", self.info.name, name, e)
                 stats.update_failure.inc()
                 failed = True
+                resolved.append([])
                 continue
             stats.update_success.inc()
             if self.type == "LOGICAL_DNS":
                 addrs = addrs[:1]
-            for a in addrs:
-                hosts.append(ep.host((a, port), self.info, ep.hostname or name))
-        if failed and not hosts and self.hosts:
+            resolved.append(addrs)
+        if failed and not any(resolved) and self.hosts:
             return  # keep the last good answer
+        if not self.retired:
+            self.apply_resolution(resolved)
+
+    def apply_resolution(self, resolved: list[list[str]]) -> None:
+        """One home for a DNS answer, this process's lookup or the main process's
+        (``RemoteDns``): the addresses of each configured endpoint, in order, become hosts."""
+        hosts = [
+            ep.host((a, ep.port), self.info, ep.hostname or ep.address)
+            for ep, addrs in zip(self.endpoints, resolved, strict=False)
+            for a in addrs
+        ]
+        changed = resolved != self.dns_resolved
+        self.dns_resolved = resolved
         self.set_hosts(hosts)
+        fut = self._dns_ready
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        observer = self.dns_observer
+        if changed and observer is not None:
+            observer(self)
+
+    async def _wait_remote_dns(self, timeout: float = 60.0) -> None:
+        """A worker: warm once the main process's first answer for this cluster arrived."""
+        remote = self.remote_dns
+        if remote is None or self.retired:
+            return
+        remote.subscribe(self)
+        if self.dns_resolved is not None or self.retired:
+            return
+        fut = self._dns_ready = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            log.warning(
+                "cluster %s: no DNS answer from the main process in %.0fs",
+                self.info.name,
+                timeout,
+            )
 
     async def _lookup(self, loop: asyncio.AbstractEventLoop, name: str, port: int) -> list[str]:
         fam = self.dns_family
@@ -634,6 +693,11 @@ class Cluster:
         if self._resolving is not None:
             self._resolving.cancel()
             self._resolving = None
+        if self.remote_dns is not None:
+            self.remote_dns.unsubscribe(self)
+        fut = self._dns_ready
+        if fut is not None and not fut.done():
+            fut.set_result(None)
         if self.health_checker is not None:
             self.health_checker.stop()
         if self.outlier is not None:
@@ -701,6 +765,10 @@ class ClusterManager:
         # came or went). Worker: the main process's health results (no checkers here).
         self.health_observer: Callable[[Cluster | None, Host | None, bool], None] | None = None
         self.remote_health: RemoteHealth | None = None
+        # The same for DNS: hears of changed answers (None: clusters came or went) / brings
+        # the main process's answers.
+        self.dns_observer: Callable[[Cluster | None], None] | None = None
+        self.remote_dns: RemoteDns | None = None
         try:
             for i, proto in enumerate(cluster_protos):
                 cpath = f"{path}[{i}]"
@@ -722,6 +790,8 @@ class ClusterManager:
         info.added_via_api = added_via_api
         info.version_info = version_info
         cluster = Cluster(info, path, self.xds)
+        cluster.dns_observer = self._on_dns
+        cluster.remote_dns = self.remote_dns
         try:
             if len(proto.health_checks):
                 from pyenvoy.upstream.health_check import make_health_checker
@@ -779,6 +849,33 @@ class ClusterManager:
             )
         return out
 
+    # --- DNS across processes ----------------------------------------------------------------
+    def _on_dns(self, cluster: Cluster | None) -> None:
+        observer = self.dns_observer
+        if observer is not None:
+            observer(cluster)
+
+    def use_remote_dns(self, remote: RemoteDns) -> None:
+        """A worker process: DNS clusters take the main process's answers from ``remote``
+        and never resolve here. Call before ``initialize``."""
+        self.remote_dns = remote
+        for c in (*self.clusters.values(), *self.warming.values()):
+            c.remote_dns = remote
+
+    def dns_state(self) -> dict[str, dict[str, list[list[Any]]]]:
+        """The current answer of every DNS cluster that has one (active and warming):
+        ``{name: {config digest: [[hostname, port, [address, ...]], ...]}}``."""
+        out: dict[str, dict[str, list[list[Any]]]] = {}
+        for c in (*self.clusters.values(), *self.warming.values()):
+            resolved = c.dns_resolved
+            if resolved is None or c.retired:
+                continue
+            out.setdefault(c.info.name, {})[c.dns_hash] = [
+                [ep.address, ep.port, list(addrs)]
+                for ep, addrs in zip(c.endpoints, resolved, strict=False)
+            ]
+        return out
+
     def has_cluster(self, name: str) -> bool:
         staged = self.staged_names
         if staged is not None:
@@ -823,6 +920,7 @@ class ClusterManager:
                 if self.warming.get(c.info.name) is c:
                     del self.warming[c.info.name]
             self.stats.warming_clusters.set(len(self.warming))
+            self._on_dns(None)
 
     def commit(self, cluster: Cluster) -> None:
         """Make a warmed cluster active, replacing (and retiring) the one of that name."""
@@ -840,6 +938,7 @@ class ClusterManager:
         cluster.start_health_checks()
         self.stats.active_clusters.set(len(self.clusters))
         self._on_health(None, None, False)
+        self._on_dns(None)
 
     def remove(self, name: str) -> None:
         cluster = self.clusters.pop(name, None)
@@ -849,6 +948,7 @@ class ClusterManager:
         self.stats.cluster_removed.inc()
         self.stats.active_clusters.set(len(self.clusters))
         self._on_health(None, None, False)
+        self._on_dns(None)
 
     def build_static_changes(
         self, protos: Any, path: str = "static_resources.clusters"
@@ -968,3 +1068,98 @@ class ClusterManager:
 class CdsStats(SubscriptionStats):
     COUNTERS: ClassVar[tuple[str, ...]] = SubscriptionStats.COUNTERS + ("config_reload",)
     GAUGES: ClassVar[tuple[str, ...]] = SubscriptionStats.GAUGES + ("config_reload_time_ms",)
+
+
+# --- sharing DNS answers with worker processes ------------------------------------------------
+
+DNS_HOSTS_OP = "dns_hosts"
+
+
+def encode_dns(clusters: dict[str, dict[str, list[list[Any]]]]) -> dict[str, Any]:
+    """The control-socket message (JSON), always the whole state: ``{"op": "dns_hosts",
+    "clusters": {name: {config digest: [[hostname, port, [address, ...]], ...]}}}``, one
+    entry per configured endpoint of the cluster, in order."""
+    return {"op": DNS_HOSTS_OP, "clusters": clusters}
+
+
+class RemoteDns:
+    """A worker's copy of the main process's DNS answers; each update goes to this
+    process's DNS clusters of that name and config (``Cluster.apply_resolution``)."""
+
+    def __init__(self) -> None:
+        self.clusters: dict[str, dict[str, list[list[Any]]]] = {}
+        self._subscribers: dict[str, list[Cluster]] = {}
+
+    def subscribe(self, cluster: Cluster) -> None:
+        subs = self._subscribers.setdefault(cluster.info.name, [])
+        if cluster not in subs:
+            subs.append(cluster)
+        self._apply(cluster)
+
+    def unsubscribe(self, cluster: Cluster) -> None:
+        name = cluster.info.name
+        subs = self._subscribers.get(name)
+        if subs is not None and cluster in subs:
+            subs.remove(cluster)
+            if not subs:
+                del self._subscribers[name]
+
+    def update(self, msg: dict[str, Any]) -> None:
+        """Apply one ``encode_dns`` message."""
+        self.clusters = {
+            str(name): {str(digest): list(eps) for digest, eps in by_digest.items()}
+            for name, by_digest in (msg.get("clusters") or {}).items()
+        }
+        for subs in list(self._subscribers.values()):
+            for cluster in list(subs):
+                self._apply(cluster)
+
+    def _apply(self, cluster: Cluster) -> None:
+        eps = self.clusters.get(cluster.info.name, {}).get(cluster.dns_hash)
+        if eps is None or len(eps) != len(cluster.endpoints) or cluster.retired:
+            return
+        resolved = [[str(a) for a in addrs] for _, _, addrs in eps]
+        if resolved != cluster.dns_resolved:
+            cluster.apply_resolution(resolved)
+
+
+class DnsPublisher:
+    """The main process's side: sends the DNS state of its cluster manager through ``send``
+    whenever a cluster's answer changed or clusters came or went (batched per loop
+    iteration, only if it differs from what was sent)."""
+
+    def __init__(self, cluster_manager: ClusterManager, send: Callable[[dict[str, Any]], None]):
+        self.cm = cluster_manager
+        self.send = send
+        self.sent: dict[str, dict[str, list[list[Any]]]] = {}
+        self._handle: asyncio.Handle | None = None
+        cluster_manager.dns_observer = self.on_change
+
+    def close(self) -> None:
+        if self.cm.dns_observer == self.on_change:
+            self.cm.dns_observer = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def on_change(self, cluster: Cluster | None) -> None:
+        if self._handle is not None:
+            return
+        try:
+            self._handle = asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        state = self.cm.dns_state()
+        if state != self.sent:
+            self.sent = state
+            self.send(encode_dns(state))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole current state, for a worker that starts (after a flush to the others)."""
+        self.flush()
+        return encode_dns(self.sent)
