@@ -43,11 +43,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.xds import SubscriptionStats
+from pyenvoy.runtime import for_server as runtime_for_server
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.upstream import host as host_module
 from pyenvoy.upstream.circuit_breaker import (
     configured_limits,
     declare_circuit_breaker_stats,
+    resource_managers,
     thresholds_by_priority,
 )
 from pyenvoy.upstream.host import (
@@ -787,6 +789,9 @@ class ClusterManager:
     ) -> Cluster:
         """Compile one cluster (not initialized, not in ``clusters``); ConfigError if bad."""
         info = ClusterInfo(proto, self.stats_store, path)
+        # Circuit-breaker resource managers now, with the server's runtime: whoever asks first
+        # (router, pool, tcp_proxy, admin) then gets the same, runtime-resolved limits.
+        resource_managers(info, runtime_for_server(self.xds.server if self.xds is not None else None))
         info.added_via_api = added_via_api
         info.version_info = version_info
         cluster = Cluster(info, path, self.xds)
