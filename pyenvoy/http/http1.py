@@ -356,8 +356,19 @@ class _Parser:
             if self.paused or self._running:
                 self._buf = data
                 return
-            if self._state == _HEAD and self._fast(data):
-                return
+            if self._state == _HEAD:
+                self._running = True
+                try:
+                    tail = self._fast(data)
+                except ParseError as e:
+                    self._error = e
+                    self._buf = b""
+                    raise
+                finally:
+                    self._running = False
+                if tail is not None:
+                    self._fast_done(tail)
+                    return
             self._buf = data
         self._run()
 
@@ -542,10 +553,12 @@ class _Parser:
     def _parse_head(self, buf: bytes, pos: int, end: int) -> int:
         raise NotImplementedError
 
-    def _fast(self, data: bytes) -> bool:
+    def _fast(self, data: bytes) -> bytes | None:
         """Parse ``data`` (fed while idle between messages) in one step if it has the usual
-        shape; False, with nothing done, to leave it to the state machine."""
-        return False
+        shape, running the callbacks (``feed`` marks the parser running and turns a
+        ParseError into the parser's error); returns the bytes after that message for the
+        state machine, or None, with nothing done, to leave all of ``data`` to it."""
+        return None
 
     def _fast_fields(self, block: bytes) -> list[list[bytes]] | None:
         """A CRLF header block on the fast path (each line ends in CRLF), or None when any
@@ -617,50 +630,41 @@ class RequestParser(_Parser):
             return self._request_line_slow(line)
         return method, target, version
 
-    def _fast(self, data: bytes) -> bool:
+    def _fast(self, data: bytes) -> bytes | None:
         # Shape: exactly one CRLF head and nothing after it, the usual request line.
         n = len(data)
         if data.find(b"\r\n\r\n") != n - 4 or n > self._max_header_bytes:
-            return False
+            return None
         le = data.find(b"\r\n")
         parts = data[:le].split(b" ")
         if len(parts) != 3 or self._methods is None:
-            return False
+            return None
         method, target, vers = parts
         if vers == b"HTTP/1.1":
             version = 11
         elif vers == b"HTTP/1.0":
             version = 10
         else:
-            return False
+            return None
         if method not in ENVOY_METHODS or method == b"CONNECT" or _ORIGIN_FORM(target) is None:
-            return False
+            return None
         if le < n - 4:
             headers = self._fast_fields(data[le + 2 : n - 2])
             if headers is None:
-                return False
+                return None
             special = [h for h in headers if h[0] in _SPECIAL] or None
         else:
             headers = []
             special = None
-        self._running = True
-        try:
-            if special is None:  # no body, keep-alive by version (see _finish_head)
-                self._state = _DONE
-                self._on_headers(method, target, version, headers, version == 11, False)
-            else:
-                self._finish_head(method, target, version, headers, special)
-            if self._state == _DONE and not self.paused:
-                self._state = _HEAD
-                self._on_complete()
-        except ParseError as e:
-            self._error = e
-            self._buf = b""
-            raise
-        finally:
-            self._running = False
-        self._fast_done(b"")
-        return True
+        if special is None:  # no body, keep-alive by version (see _finish_head)
+            self._state = _DONE
+            self._on_headers(method, target, version, headers, version == 11, False)
+        else:
+            self._finish_head(method, target, version, headers, special)
+        if self._state == _DONE and not self.paused:
+            self._state = _HEAD
+            self._on_complete()
+        return b""
 
     def _request_line_slow(self, line: bytes) -> tuple[bytes, bytes, int]:
         if b"\r" in line:
@@ -864,12 +868,12 @@ class ResponseParser(_Parser):
             UPSTREAM_EOF_AFTER_HEADERS if headers_done else UPSTREAM_EOF_BEFORE_HEADERS, 502
         )
 
-    def _fast(self, data: bytes) -> bool:
+    def _fast(self, data: bytes) -> bytes | None:
         # Shape: an HTTP/1.1 final response with a CRLF head (any body after it is left to
         # the state machine unless it is exactly the Content-Length body).
         hend = data.find(b"\r\n\r\n")
         if hend < 0 or hend + 4 > self._max_header_bytes or not self._expected:
-            return False
+            return None
         le = data.find(b"\r\n")
         code = data[9:12]
         if (
@@ -878,11 +882,11 @@ class ResponseParser(_Parser):
             or code[0] < 50  # 1xx and malformed codes: the general path
             or not (le == 12 or (data[12] == 32 and _REASON_OK(data, 13, le) is not None))
         ):
-            return False
+            return None
         if le < hend:
             headers = self._fast_fields(data[le + 2 : hend + 2])
             if headers is None:
-                return False
+                return None
             special = [h for h in headers if h[0] in _SPECIAL] or None
         else:
             headers = []
@@ -911,41 +915,32 @@ class ResponseParser(_Parser):
                     content_length = -2
                     break
         method = self._expected[0]
-        self._running = True
-        try:
-            if (
-                content_length >= 0
-                and status != 204
-                and status != 304
-                and method != b"HEAD"
-                and method != b"CONNECT"
-            ):
-                self._expected.popleft()
-                if content_length:
-                    self._remaining = content_length
-                    self._state = _BODY
-                else:
-                    self._state = _DONE
-                self._on_headers(status, 11, headers, keep_alive, content_length > 0)
+        if (
+            content_length >= 0
+            and status != 204
+            and status != 304
+            and method != b"HEAD"
+            and method != b"CONNECT"
+        ):
+            self._expected.popleft()
+            if content_length:
+                self._remaining = content_length
+                self._state = _BODY
             else:
-                self._finish_head(status, 11, headers, special)
-            if self._state == _BODY and len(data) - body_at == self._remaining and not self.paused:
-                self._remaining = 0
                 self._state = _DONE
-                self._on_body(data[body_at:])
-            elif len(data) > body_at:
-                tail = data[body_at:]
-            if self._state == _DONE and not tail and not self.paused:
-                self._state = _HEAD
-                self._on_complete()
-        except ParseError as e:
-            self._error = e
-            self._buf = b""
-            raise
-        finally:
-            self._running = False
-        self._fast_done(tail)
-        return True
+            self._on_headers(status, 11, headers, keep_alive, content_length > 0)
+        else:
+            self._finish_head(status, 11, headers, special)
+        if self._state == _BODY and len(data) - body_at == self._remaining and not self.paused:
+            self._remaining = 0
+            self._state = _DONE
+            self._on_body(data[body_at:])
+        elif len(data) > body_at:
+            tail = data[body_at:]
+        if self._state == _DONE and not tail and not self.paused:
+            self._state = _HEAD
+            self._on_complete()
+        return tail
 
     def _status_line(self, line: bytes) -> tuple[int, int]:
         if (
