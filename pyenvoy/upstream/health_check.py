@@ -669,15 +669,34 @@ class HttpHealthChecker(HealthChecker):
         return False
 
 
-class HttpSession(ActiveSession):
-    def __init__(self, parent: HttpHealthChecker, host: Host) -> None:
+class _StreamSession(ActiveSession):
+    """A session that probes over an HTTP/1 or HTTP/2 codec client (HTTP and gRPC checks):
+    the client it keeps between probes and how it is closed."""
+
+    def __init__(self, parent: Any, host: Host, authority: bytes) -> None:
         super().__init__(parent, host)
         self.checker = parent
         self.client: Any = None
-        self.authority = parent.hostname_of(host, parent.host_value)
+        self.authority = authority
         self.expect_reset = False
-        self.reuse = False
         self.in_flight = False
+
+    def _close(self) -> None:
+        c = self.client
+        if c is not None:
+            self.client = None
+            c.close()
+
+    def on_destroy(self) -> None:
+        self.expect_reset = True
+        self._close()
+
+
+class HttpSession(_StreamSession):
+    def __init__(self, parent: HttpHealthChecker, host: Host) -> None:
+        super().__init__(parent, host, parent.hostname_of(host, parent.host_value))
+        self.checker: HttpHealthChecker = parent
+        self.reuse = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.body = bytearray()
@@ -701,21 +720,11 @@ class HttpSession(ActiveSession):
             p.request_body,
         )
 
-    def _close(self) -> None:
-        c = self.client
-        if c is not None:
-            self.client = None
-            c.close()
-
     def on_timeout(self) -> None:
         self.in_flight = False
         if self.client is not None:
             self.expect_reset = True
             self._close()
-
-    def on_destroy(self) -> None:
-        self.expect_reset = True
-        self._close()
 
     # --- CodecCallbacks -----------------------------------------------------------------
     def on_headers(self, status: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
@@ -920,15 +929,11 @@ class GrpcHealthChecker(HealthChecker):
         return hdrs
 
 
-class GrpcSession(ActiveSession):
+class GrpcSession(_StreamSession):
     def __init__(self, parent: GrpcHealthChecker, host: Host) -> None:
-        super().__init__(parent, host)
-        self.checker = parent
-        self.client: Any = None
-        self.authority = parent.hostname_of(host, parent.authority_value)
-        self.expect_reset = False
+        super().__init__(parent, host, parent.hostname_of(host, parent.authority_value))
+        self.checker: GrpcHealthChecker = parent
         self.goaway = False
-        self.in_flight = False
         self.buffer = bytearray()
         self.response_status: int | None = None
 
@@ -955,12 +960,6 @@ class GrpcSession(ActiveSession):
         self.response_status = None
         self.goaway = False
 
-    def _close(self) -> None:
-        c = self.client
-        if c is not None:
-            self.client = None
-            c.close()
-
     def on_timeout(self) -> None:
         self.expect_reset = True
         self.in_flight = False
@@ -968,10 +967,6 @@ class GrpcSession(ActiveSession):
             self._close()
         elif self.client is not None:
             self.client.reset_stream()
-
-    def on_destroy(self) -> None:
-        self.expect_reset = True
-        self._close()
 
     # --- CodecCallbacks -----------------------------------------------------------------
     def on_headers(self, status: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
