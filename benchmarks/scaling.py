@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--start-timeout", type=float, default=60.0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs pyenvoy")
     args = p.parse_args(argv)
     bench.ensure_tools()
     labels = [x for x in ("envoy", "pyenvoy") if args.only in (None, x)]
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             (label, n): bench.Proxy(
                 f"{label}-c{n}",
                 [
-                    a.format(config=config, python=sys.executable, n=n)
+                    a.format(config=config, python=args.python, n=n)
                     for a in shlex.split(COMMANDS[label])
                 ],
                 tmp / f"{label}-c{n}.log",
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for label in labels
             for n in levels
         }
+        report["python"] = bench.interpreter(args.python)
         report["commands"] = {f"{k[0]}-c{k[1]}": shlex.join(v.argv) for k, v in proxies.items()}
         helper_sids = (nginx.pid,)
         for i in range(args.rounds):

@@ -4,9 +4,13 @@ Strategy: a parser owns one byte buffer and a small integer state (head, CL body
 line, chunk data, chunk CRLF, trailers, stream, message-done). ``feed()`` runs a loop over the
 buffer that never walks single bytes in Python. A read that holds one whole message of the
 usual shape (a keep-alive GET; a response head with its Content-Length body) while the parser
-is idle goes through ``_fast()`` instead: the same checks and callbacks in one step, without
-the state machine; anything else (pipelined bytes, partial heads, odd framing) falls back to
-it, so the general path stays the reference. Fast path for a head: ``find(b"\r\n\r\n")``,
+is idle goes through ``_fast()`` instead: llhttp (``httptools``, C) tokenizes and validates the
+head, and the same checks and callbacks as the general path run in one step, without the state
+machine; anything else (pipelined bytes, partial heads, odd framing, anything llhttp rejects
+or would read differently) falls back to it, so the general path stays the reference and
+reports every error. The llhttp parser only ever sees whole messages that start at a message
+boundary, and is dropped (re-created on the next fast message) whenever it was left anywhere
+but between two keep-alive messages. General path for a head: ``find(b"\r\n\r\n")``,
 ``split(b" ")`` of the request line, then ONE ``findall`` of a line-anchored regex over the
 header block; the block is accepted only if every line matched (match count == LF count) and
 ``translate()`` finds no forbidden byte. Anything unusual (bare LF, obs-fold, trailing OWS,
@@ -50,6 +54,8 @@ from __future__ import annotations
 import re
 from collections import deque
 from typing import Any
+
+import httptools
 
 __all__ = [
     "LAST_CHUNK",
@@ -282,6 +288,45 @@ def _framing(
     return content_length, chunked, bool(tes), _connection_tokens(conn) if conn else None, upgrade
 
 
+class _LLHead:
+    """llhttp callbacks for one fast-path head: collects, never acts (``_fast`` decides
+    afterwards whether the message is used or left to the general path)."""
+
+    __slots__ = ("url", "headers", "special", "done")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[list[bytes]] = []
+        self.special: list[list[bytes]] | None = None
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        h = [name.lower(), value]
+        self.headers.append(h)
+        if h[0] in _SPECIAL:
+            if self.special is None:
+                self.special = [h]
+            else:
+                self.special.append(h)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    def reset(self) -> list[list[bytes]]:
+        headers: list[list[bytes]] = []
+        self.headers = headers
+        self.special = None
+        self.done = False
+        return headers
+
+
+# Every llhttp outcome that is not a plain message (errors, upgrades, CONNECT).
+_LLError = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+
+
 class _Parser:
     __slots__ = (
         "_handler",
@@ -298,6 +343,8 @@ class _Parser:
         "paused",
         "_status",
         "_scan",
+        "_ll",
+        "_llh",
     )
 
     def __init__(
@@ -317,6 +364,8 @@ class _Parser:
         self.paused = False
         self._status = status  # HTTP status carried by this parser's ParseErrors
         self._scan = 0  # bytes of an incomplete head/trailer section known to hold no end
+        self._ll: Any = None  # llhttp parser of the fast path, between two messages
+        self._llh = _LLHead()
 
     # -- public ---------------------------------------------------------------------------
 
@@ -560,18 +609,6 @@ class _Parser:
         state machine, or None, with nothing done, to leave all of ``data`` to it."""
         return None
 
-    def _fast_fields(self, block: bytes) -> list[list[bytes]] | None:
-        """A CRLF header block on the fast path (each line ends in CRLF), or None when any
-        line needs the general path (which reports errors exactly)."""
-        found = _findall_crlf_fields(block)
-        if (
-            len(found) != block.count(b"\n")
-            or len(found) > self._max_headers_count
-            or block.translate(None, _FIELD_CHARS)
-        ):
-            return None
-        return [[n.lower(), v] for n, v in found]
-
     def _fast_done(self, tail: bytes) -> None:
         """After a fast-path message: bytes after it, bytes fed from its callbacks, an EOF
         seen meanwhile and an undelivered message end go to the state machine."""
@@ -631,35 +668,52 @@ class RequestParser(_Parser):
         return method, target, version
 
     def _fast(self, data: bytes) -> bytes | None:
-        # Shape: exactly one CRLF head and nothing after it, the usual request line.
+        # Shape: exactly one CRLF head and nothing after it, the usual request line; no
+        # trailing OWS in a field value (llhttp keeps it, the general path strips it).
         n = len(data)
-        if data.find(b"\r\n\r\n") != n - 4 or n > self._max_header_bytes:
+        if (
+            data.find(b"\r\n\r\n") != n - 4
+            or n > self._max_header_bytes
+            or self._methods is None
+            or b" \r\n" in data
+            or b"\t\r\n" in data
+        ):
             return None
-        le = data.find(b"\r\n")
-        parts = data[:le].split(b" ")
-        if len(parts) != 3 or self._methods is None:
+        ll = self._ll
+        if ll is None:
+            ll = self._ll = httptools.HttpRequestParser(self._llh)
+        head = self._llh
+        headers = head.reset()
+        try:
+            ll.feed_data(data)
+        except _LLError:
+            self._ll = None
             return None
-        method, target, vers = parts
-        if vers == b"HTTP/1.1":
-            version = 11
-        elif vers == b"HTTP/1.0":
-            version = 10
-        else:
+        method = ll.get_method()
+        target = head.url
+        vers = ll.get_http_version()
+        # The request line is exactly "method SP target SP HTTP/1.x" and every header line
+        # was one field (no fold, no bare LF).
+        if (
+            (vers != "1.1" and vers != "1.0")
+            or method not in ENVOY_METHODS
+            or method == b"CONNECT"
+            or _ORIGIN_FORM(target) is None
+            or data.find(b"\r\n") != len(method) + len(target) + 10
+            or data.count(b"\r\n") != len(headers) + 2
+            or len(headers) > self._max_headers_count
+        ):
+            self._ll = None
             return None
-        if method not in ENVOY_METHODS or method == b"CONNECT" or _ORIGIN_FORM(target) is None:
-            return None
-        if le < n - 4:
-            headers = self._fast_fields(data[le + 2 : n - 2])
-            if headers is None:
-                return None
-            special = [h for h in headers if h[0] in _SPECIAL] or None
-        else:
-            headers = []
-            special = None
-        if special is None:  # no body, keep-alive by version (see _finish_head)
+        version = 11 if vers == "1.1" else 10
+        special = head.special
+        if special is None and head.done:  # no body, keep-alive by version (see _finish_head)
+            if version == 10:
+                self._ll = None  # llhttp closes after a 1.0 message
             self._state = _DONE
             self._on_headers(method, target, version, headers, version == 11, False)
         else:
+            self._ll = None  # framing headers: the general path's rules, llhttp forgets
             self._finish_head(method, target, version, headers, special)
         if self._state == _DONE and not self.paused:
             self._state = _HEAD
@@ -869,28 +923,47 @@ class ResponseParser(_Parser):
         )
 
     def _fast(self, data: bytes) -> bytes | None:
-        # Shape: an HTTP/1.1 final response with a CRLF head (any body after it is left to
-        # the state machine unless it is exactly the Content-Length body).
+        # Shape: an HTTP/1.1 final response with a CRLF head and no trailing OWS in a field
+        # value, to a request that was not HEAD/CONNECT (llhttp would expect a body); any
+        # body after it is left to the state machine unless it is exactly the
+        # Content-Length body.
         hend = data.find(b"\r\n\r\n")
-        if hend < 0 or hend + 4 > self._max_header_bytes or not self._expected:
+        expected = self._expected
+        if hend < 0 or hend + 4 > self._max_header_bytes or not expected:
             return None
         le = data.find(b"\r\n")
         code = data[9:12]
+        method = expected[0]
         if (
             data[:9] != b"HTTP/1.1 "
             or not code.isdigit()
             or code[0] < 50  # 1xx and malformed codes: the general path
             or not (le == 12 or (data[12] == 32 and _REASON_OK(data, 13, le) is not None))
+            or method == b"HEAD"
+            or method == b"CONNECT"
+            or data.find(b" \r\n", 0, hend + 2) >= 0
+            or data.find(b"\t\r\n", 0, hend + 2) >= 0
         ):
             return None
-        if le < hend:
-            headers = self._fast_fields(data[le + 2 : hend + 2])
-            if headers is None:
-                return None
-            special = [h for h in headers if h[0] in _SPECIAL] or None
-        else:
-            headers = []
-            special = None
+        ll = self._ll
+        if ll is None:
+            ll = self._ll = httptools.HttpResponseParser(self._llh)
+        head = self._llh
+        headers = head.reset()
+        try:
+            ll.feed_data(data)
+        except _LLError:
+            self._ll = None
+            return None
+        # Every header line was one field of THIS message (llhttp may have gone on into
+        # bytes after it).
+        if (
+            data.count(b"\r\n", 0, hend + 2) != len(headers) + 1
+            or len(headers) > self._max_headers_count
+        ):
+            self._ll = None
+            return None
+        special = head.special
         body_at = hend + 4
         tail = b""
         status = int(code)
@@ -914,14 +987,7 @@ class ResponseParser(_Parser):
                 else:
                     content_length = -2
                     break
-        method = self._expected[0]
-        if (
-            content_length >= 0
-            and status != 204
-            and status != 304
-            and method != b"HEAD"
-            and method != b"CONNECT"
-        ):
+        if content_length >= 0 and status != 204 and status != 304:
             self._expected.popleft()
             if content_length:
                 self._remaining = content_length
@@ -930,6 +996,7 @@ class ResponseParser(_Parser):
                 self._state = _DONE
             self._on_headers(status, 11, headers, keep_alive, content_length > 0)
         else:
+            keep_alive = False
             self._finish_head(status, 11, headers, special)
         if self._state == _BODY and len(data) - body_at == self._remaining and not self.paused:
             self._remaining = 0
@@ -937,6 +1004,8 @@ class ResponseParser(_Parser):
             self._on_body(data[body_at:])
         elif len(data) > body_at:
             tail = data[body_at:]
+        if tail or not keep_alive or not head.done:
+            self._ll = None  # llhttp is not between two keep-alive messages
         if self._state == _DONE and not tail and not self.paused:
             self._state = _HEAD
             self._on_complete()
