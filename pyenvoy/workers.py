@@ -35,7 +35,11 @@ active health flags over the control sockets (op ``host_health``, see
 ``pyenvoy.upstream.health_check.encode_health``); a worker's ClusterManager never starts
 checkers and applies what arrives (``RemoteHealth``). A worker gets the whole state in its
 ``init`` frame and again once ready; until the main process's first round for a cluster is
-done the worker's init holds as Envoy's does. Config reloads still run in every worker
+done the worker's init holds as Envoy's does. What a worker learns itself, a proxied response
+with ``x-envoy-immediate-health-check-fail``, goes the other way (op
+``host_immediate_hc_fail``): the main process fails that host's session and the result
+reaches every worker like any other check result. The main loop reads worker frames from
+ready on; replies to its own requests (stats) carry a ``seq``. Config reloads still run in every worker
 (each owns its ClusterManager); hosts are matched by address.
 
 DNS (STRICT_DNS / LOGICAL_DNS clusters) is resolved in the main process only, as Envoy
@@ -90,7 +94,13 @@ from pyenvoy.hot_restart import (
 )
 from pyenvoy.stats import Histogram
 from pyenvoy.upstream.cluster_manager import DNS_HOSTS_OP, DnsPublisher, RemoteDns
-from pyenvoy.upstream.health_check import HOST_HEALTH_OP, HealthPublisher, RemoteHealth
+from pyenvoy.upstream.health_check import (
+    HOST_HEALTH_OP,
+    IMMEDIATE_HC_FAIL_OP,
+    HealthPublisher,
+    RemoteHealth,
+    apply_immediate_fail,
+)
 
 if TYPE_CHECKING:
     from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
@@ -294,6 +304,8 @@ class _Worker:
         "ready",
         "started",
         "xds_generation",
+        "on_message",
+        "reading",
     )
 
     def __init__(self, index: int, proc: subprocess.Popen[bytes], ctl: socket.socket) -> None:
@@ -306,6 +318,10 @@ class _Worker:
         self.ready = False
         self.started = time.monotonic()
         self.xds_generation: dict[str, int] = {}
+        # Frames the worker sends on its own (not replies), and whether the main loop reads
+        # them (from ready on).
+        self.on_message: Callable[[_Worker, dict[str, Any]], None] | None = None
+        self.reading = False
 
     def send(self, msg: dict[str, Any]) -> bool:
         if self.ctl is None:
@@ -338,11 +354,40 @@ class _Worker:
             for frame in self.decoder.feed(data):
                 if frame.get("seq") == seq:
                     return frame
+                self.dispatch(frame)
         return None
+
+    def dispatch(self, frame: dict[str, Any]) -> None:
+        """A frame that is no awaited reply: the worker's own report, or a late reply to an
+        older request (dropped)."""
+        if "seq" not in frame and self.on_message is not None:
+            self.on_message(self, frame)
+
+    def on_readable(self) -> None:
+        ctl = self.ctl
+        if ctl is None:
+            return
+        try:
+            data = ctl.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the worker is gone; the pool's watch notices its exit
+            self.close()
+            return
+        for frame in self.decoder.feed(data):
+            self.dispatch(frame)
 
     def close(self) -> None:
         ctl, self.ctl = self.ctl, None
         if ctl is not None:
+            if self.reading:
+                self.reading = False
+                try:
+                    asyncio.get_running_loop().remove_reader(ctl.fileno())
+                except (RuntimeError, ValueError, OSError):
+                    pass
             ctl.close()
 
 
@@ -494,6 +539,9 @@ class WorkerPool:
             raise ConfigError(str(msg.get("error", f"worker {w.index} failed")), "")
         if w.ctl is not None:
             w.ctl.setblocking(False)
+            w.on_message = self._on_worker_message
+            loop.add_reader(w.ctl.fileno(), w.on_readable)
+            w.reading = True
         w.ready = True
         if self.health is not None:  # what changed while it started
             w.send(self.health.snapshot())
@@ -546,6 +594,14 @@ class WorkerPool:
             self.sync_admin_state()
             if time.monotonic() - self._last_refresh > STATS_PERIOD_S:
                 self.refresh_stats()
+
+    def _on_worker_message(self, w: _Worker, msg: dict[str, Any]) -> None:
+        if msg.get("op") == IMMEDIATE_HC_FAIL_OP:
+            cm = self.server.cluster_manager
+            if cm is None or not apply_immediate_fail(cm, msg):
+                log.debug("worker %d: immediate health check failure for a gone host", w.index)
+        else:
+            log.debug("worker %d: unexpected control frame %r", w.index, msg.get("op"))
 
     async def _ready_or_log(self, w: _Worker) -> None:
         try:
@@ -985,6 +1041,9 @@ async def _worker_serve(
         loop.add_signal_handler(sig, control.stop, None)
     ctl.setblocking(False)
     _send_blocking(ctl, {"op": "ready", "pid": os.getpid()})
+    remote_health = getattr(server.cluster_manager, "remote_health", None)
+    if remote_health is not None:  # from now on the main process reads what we send
+        remote_health.report = control.reply
     loop.add_reader(ctl.fileno(), control.on_readable)
     gc.collect()
     gc.freeze()

@@ -424,6 +424,53 @@ def test_health_checks_run_once_and_every_worker_follows(
         p.kill()
 
 
+def test_immediate_health_check_fail_in_one_worker_reaches_all(
+    two_upstreams: tuple[HttpUpstream, HttpUpstream], tmp_path: Path
+) -> None:
+    """A response with x-envoy-immediate-health-check-fail seen by ONE worker fails the host
+    in the main process's checker, and from there in every worker (Envoy's main thread does
+    the same for all its workers)."""
+    a, b = two_upstreams
+    admin, port = free_port(), free_port()
+    config = tmp_path / "envoy.yaml"
+    # Checks every 30 s: after the first round nothing but the immediate failure changes b.
+    config.write_text(
+        hc_config(admin, port, a.port, b.port)
+        .replace("interval: 0.2s", "interval: 30s")
+        .replace("no_traffic_interval: 0.2s", "no_traffic_interval: 30s")
+    )
+    b.raw_responses["/echo"] = (
+        b"HTTP/1.1 200 OK\r\nx-envoy-immediate-health-check-fail: true\r\ncontent-length: 0\r\n\r\n"
+    )
+    p = PyEnvoy(config, "--concurrency", "2", "--base-id", str(next(_base_ids)))
+    try:
+        wait_live(admin, p)
+        wait_flags(admin, {a.port: "healthy", b.port: "healthy"}, p)
+        # Until one request reached b, whichever worker served it.
+        for _ in range(20):
+            assert get_close(port) == 200
+            if proxied(b):
+                break
+        assert proxied(b) == 1
+        wait_flags(
+            admin,
+            {a.port: "healthy", b.port: "/failed_active_hc/excluded_via_immediate_hc_fail"},
+            p,
+        )
+        stats = read_stats(f"http://127.0.0.1:{admin}")
+        assert stats["cluster.backend.health_check.failure"] == 1
+        assert stats["cluster.backend.health_check.passive_failure"] == 1
+        wait_stat(admin, "cluster.backend.membership_healthy", 1, p)
+        cx = per_worker_cx(admin, port)
+        for _ in range(30):
+            assert get_close(port) == 200
+        assert proxied(b) == 1  # no worker sends b anything
+        cx2 = per_worker_cx(admin, port)
+        assert all(n > m for n, m in zip(cx2, cx, strict=True)), (cx, cx2)  # both workers
+    finally:
+        p.kill()
+
+
 def test_reload_changes_hosts_and_workers_follow_the_main_checker(
     two_upstreams: tuple[HttpUpstream, HttpUpstream], tmp_path: Path
 ) -> None:

@@ -1182,16 +1182,21 @@ class HealthCheckers:
         ``/failed_active_hc/excluded_via_immediate_hc_fail`` until checks pass again.
 
         In a worker process (``remote`` set) the sessions live in the main process: the
-        host is failed in this worker only, until the main process's next word on the
-        cluster or, at the latest, ``healthy_threshold`` intervals (the passing checks that
-        would bring it back in Envoy); the main process does not hear of it."""
-        if self.remote is not None:
+        host is failed here at once and the failure is reported to the main process
+        (``RemoteHealth.report``), which fails the host's session and sends the result to
+        every worker, as Envoy's main thread does for all its workers. Should that word
+        never come, the main process's state is taken again after ``healthy_threshold``
+        intervals (the passing checks that would bring the host back in Envoy)."""
+        remote = self.remote
+        if remote is not None:
             if host.health_flags & FAILED_ACTIVE_HC and host.health_flags & (
                 EXCLUDED_VIA_IMMEDIATE_HC_FAIL
             ):
                 return
             host.health_flags |= FAILED_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL
             self.cluster.refresh_health()
+            if remote.report is not None:
+                remote.report(encode_immediate_fail(self.cluster.info.name, host.address))
             ms = max((c.healthy_threshold * c.interval_ms for c in self.checkers), default=0)
             try:
                 loop = asyncio.get_running_loop()
@@ -1297,14 +1302,46 @@ def encode_health(
     }
 
 
+IMMEDIATE_HC_FAIL_OP = "host_immediate_hc_fail"
+
+
+def encode_immediate_fail(cluster: str, address: tuple[str, int]) -> dict[str, Any]:
+    """A worker's report (JSON) that a proxied response failed a host with
+    ``x-envoy-immediate-health-check-fail``: ``{"op": "host_immediate_hc_fail", "cluster":
+    name, "address": [ip, port]}``."""
+    return {"op": IMMEDIATE_HC_FAIL_OP, "cluster": cluster, "address": list(address)}
+
+
+def apply_immediate_fail(cluster_manager: Any, msg: dict[str, Any]) -> bool:
+    """The main process's side of ``encode_immediate_fail``: fail that host's sessions in
+    this process's checkers (whose result then goes to every worker). False when the
+    cluster, its health checker or the host is gone (a reload raced the report)."""
+    cluster = cluster_manager.get(str(msg.get("cluster", "")))
+    hc = getattr(cluster, "health_checker", None) if cluster is not None else None
+    if hc is None or hc.remote is not None:
+        return False
+    try:
+        ip, port = msg["address"]
+        address = (str(ip), int(port))
+    except (KeyError, TypeError, ValueError):
+        return False
+    for host in cluster.hosts:
+        if host.address == address:
+            hc.on_immediate_health_check_fail(host)
+            return True
+    return False
+
+
 class RemoteHealth:
     """A worker's copy of the main process's active health state, by cluster name and host
     address; every update is applied to this process's health-checked clusters of that
-    name (``HealthCheckers.apply_remote``)."""
+    name (``HealthCheckers.apply_remote``). ``report`` sends what the worker learns itself
+    (an immediate health-check failure) to the main process."""
 
-    def __init__(self) -> None:
+    def __init__(self, report: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.clusters: dict[str, ClusterHealth] = {}
         self._subscribers: dict[str, list[HealthCheckers]] = {}
+        self.report = report
 
     def subscribe(self, hc: HealthCheckers) -> None:
         subs = self._subscribers.setdefault(hc.cluster.info.name, [])
