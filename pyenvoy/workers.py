@@ -168,13 +168,39 @@ _CONFIG_UPDATE_STATS = frozenset(
         "init_fetch_timeout",
         "config_reload",
         "config_reload_time_ms",
+        "update_duration",
     )
+)
+# Config events every worker goes through once per process event (Envoy counts them on its
+# main thread); listener_create_success/failure are per worker in Envoy too, and summed.
+_ONCE_PER_PROCESS = frozenset(
+    [
+        f"listener_manager.listener_{n}"
+        for n in ("added", "modified", "removed", "in_place_updated", "stopped")
+    ]
+    + [
+        f"cluster_manager.{n}"
+        for n in (
+            "cluster_added",
+            "cluster_modified",
+            "cluster_removed",
+            "cluster_updated",
+            "cluster_updated_via_merge",
+            "update_merge_cancelled",
+            "update_out_of_merge_window",
+        )
+    ]
 )
 
 
 def _once_per_update(name: str) -> bool:
-    if name.rpartition(".")[2] not in _CONFIG_UPDATE_STATS:
-        return False
+    """Counted (or recorded) once per config event by every worker: the process's value is
+    the maximum over workers, not their sum."""
+    last = name.rpartition(".")[2]
+    if last not in _CONFIG_UPDATE_STATS:
+        if last == "membership_change":
+            return name.startswith("cluster.")
+        return name in _ONCE_PER_PROCESS
     return (
         name.startswith(("listener_manager.lds.", "cluster_manager.cds.", "cluster."))
         or ".rds." in name
@@ -619,8 +645,10 @@ class WorkerPool:
             self.retired_counters[name] = self.retired_counters.get(name, 0) + v
         for name, (counts, hsum, count) in snap.get("h", {}).items():
             prev = self.retired_histograms.get(name)
-            if prev is None:
+            if prev is None or (_once_per_update(name) and count > prev[2]):
                 self.retired_histograms[name] = [list(counts), hsum, count]
+            elif _once_per_update(name):
+                continue
             else:
                 prev[0] = [a + b for a, b in zip(prev[0], counts, strict=False)]
                 prev[1] += hsum
@@ -776,8 +804,10 @@ class WorkerPool:
                     gauges[name] = gauges.get(name, 0) + v
             for name, (counts, hsum, count) in snap.get("h", {}).items():
                 h = histograms.get(name)
-                if h is None:
+                if h is None or (_once_per_update(name) and count > h[2]):
                     histograms[name] = [list(counts), hsum, count]
+                elif _once_per_update(name):
+                    continue
                 else:
                     h[0] = [a + b for a, b in zip(h[0], counts, strict=False)]
                     h[1] += hsum
