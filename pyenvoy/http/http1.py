@@ -290,7 +290,8 @@ def _framing(
 
 class _LLHead:
     """llhttp callbacks for one fast-path head: collects, never acts (``_fast`` decides
-    afterwards whether the message is used or left to the general path)."""
+    afterwards whether the message is used or left to the general path, and resets the
+    fields before each message)."""
 
     __slots__ = ("url", "headers", "special", "done")
 
@@ -304,9 +305,10 @@ class _LLHead:
         self.url = url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        h = [name.lower(), value]
+        name = name.lower()
+        h = [name, value]
         self.headers.append(h)
-        if h[0] in _SPECIAL:
+        if name in _SPECIAL:
             if self.special is None:
                 self.special = [h]
             else:
@@ -314,13 +316,6 @@ class _LLHead:
 
     def on_message_complete(self) -> None:
         self.done = True
-
-    def reset(self) -> list[list[bytes]]:
-        headers: list[list[bytes]] = []
-        self.headers = headers
-        self.special = None
-        self.done = False
-        return headers
 
 
 # Every llhttp outcome that is not a plain message (errors, upgrades, CONNECT).
@@ -416,7 +411,8 @@ class _Parser:
                 finally:
                     self._running = False
                 if tail is not None:
-                    self._fast_done(tail)
+                    if tail or self._buf or self._eof or self._state == _DONE:
+                        self._fast_done(tail)
                     return
             self._buf = data
         self._run()
@@ -683,7 +679,10 @@ class RequestParser(_Parser):
         if ll is None:
             ll = self._ll = httptools.HttpRequestParser(self._llh)
         head = self._llh
-        headers = head.reset()
+        headers: list[list[bytes]] = []
+        head.headers = headers
+        head.special = None
+        head.done = False
         try:
             ll.feed_data(data)
         except _LLError:
@@ -949,7 +948,10 @@ class ResponseParser(_Parser):
         if ll is None:
             ll = self._ll = httptools.HttpResponseParser(self._llh)
         head = self._llh
-        headers = head.reset()
+        headers: list[list[bytes]] = []
+        head.headers = headers
+        head.special = None
+        head.done = False
         try:
             ll.feed_data(data)
         except _LLError:
