@@ -90,6 +90,10 @@ def format_address(addr: tuple[str, int] | None) -> str:
     return f"{host}:{port}"
 
 
+_time = time.time
+_monotonic = time.monotonic
+
+
 class StreamInfo:
     __slots__ = (
         "start_time",
@@ -122,8 +126,8 @@ class StreamInfo:
         downstream_local_address: tuple[str, int] | None = None,
         protocol: str = "HTTP/1.1",
     ) -> None:
-        self.start_time = time.time()
-        self.start_monotonic = time.monotonic()
+        self.start_time = _time()
+        self.start_monotonic = _monotonic()
         self.downstream_remote_address = downstream_remote_address
         self.downstream_local_address = downstream_local_address
         self.protocol = protocol

@@ -34,29 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyenvoy.http")
 
-# Request headers that are hop-by-hop and never forwarded (Envoy strips these).
-_HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te")
-)
-# Response headers the codec owns.
-_RESPONSE_STRIP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
-
-# Response header names that HcmConfig.mutate_response_headers classifies in its one pass
-# over the headers; it returns the OR of the codec's bits (content-length present, a header
-# in _RESPONSE_STRIP present) so the codec does not scan the headers again.
-_HAS_CONTENT_LENGTH = 1
-_HAS_HOP_BY_HOP = 2
-RESPONSE_K_DATE = 4
-RESPONSE_K_SERVER = 8
-RESPONSE_HEADER_KINDS = {
-    b"date": RESPONSE_K_DATE,
-    b"server": RESPONSE_K_SERVER,
-    b"content-length": _HAS_CONTENT_LENGTH,
-    **dict.fromkeys(_RESPONSE_STRIP, _HAS_HOP_BY_HOP),
-}
-
 _date_cache: list[Any] = [0, b""]
 
 
@@ -90,7 +67,9 @@ class ConnectionManager(nf.ReadFilter):
     def __init__(self, config: HcmConfig) -> None:
         self.config = config
         self.parser = http1.RequestParser(
-            self, max_header_bytes=config.max_request_headers_bytes, max_headers_count=config.max_headers_count
+            self,
+            max_header_bytes=config.max_request_headers_bytes,
+            max_headers_count=config.max_headers_count,
         )
         self.stream: ActiveStream | None = None
         self.stats = config.stats
@@ -137,7 +116,7 @@ class ConnectionManager(nf.ReadFilter):
                 stream.reset(remote=True)
                 self.connection.close()
             # else: finish the response, then close (see on_stream_complete).
-        return nf.STOP_ITERATION
+        return _STOP_ITERATION
 
     # --- connection callbacks -------------------------------------------------------------
     def on_event(self, event: str) -> None:
@@ -187,15 +166,19 @@ class ConnectionManager(nf.ReadFilter):
     ) -> None:
         config = self.config
         self.requests += 1
-        # Host/:authority and the absolute-form request target.
+        # Host/:authority (clients put Host first: look there before scanning) and the
+        # absolute-form request target.
         authority = b""
-        for i, h in enumerate(headers):
-            if h[0] == b"host":
-                authority = h[1]
-                del headers[i]
-                break
+        if headers and headers[0][0] == b"host":
+            authority = headers[0][1]
+            del headers[0]
+        else:
+            for i, h in enumerate(headers):
+                if h[0] == b"host":
+                    authority = h[1]
+                    del headers[i]
+                    break
         path = target
-        fragment = False
         if target[:1] != b"/":
             if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
                 rest = target.split(b"://", 1)[1]
@@ -206,23 +189,22 @@ class ConnectionManager(nf.ReadFilter):
                 pass
             else:
                 raise http1.ParseError("http1.invalid_url", 400)
-        if b"#" in path:
-            fragment = True
         if version == 10 and not authority and config.default_host_for_http_10:
             authority = config.default_host_for_http_10
         rh = RequestHeaders(method, path, authority, b"http", headers)
         stream = ActiveStream(self, rh, version, keep_alive and not self.closing)
         self.stream = stream
-        if version != 11 and (version != 10 or not config.accept_http_10):
-            stream.version = 11  # Envoy answers this one as HTTP/1.1
-            stream.request_complete = not has_body
-            stream.send_local_reply(426, b"Upgrade Required", "low_version", close=True)
-            return
-        if not authority and version == 11:
+        if version != 11:
+            if version != 10 or not config.accept_http_10:
+                stream.version = 11  # Envoy answers this one as HTTP/1.1
+                stream.request_complete = not has_body
+                stream.send_local_reply(426, b"Upgrade Required", "low_version", close=True)
+                return
+        elif not authority:
             stream.request_complete = not has_body
             stream.send_local_reply(400, b"", "missing_host_header", close=True)
             return
-        if fragment:
+        if b"#" in path:
             stream.request_complete = not has_body
             stream.send_local_reply(400, b"", "invalid_url", close=True)
             return
@@ -261,7 +243,8 @@ class ConnectionManager(nf.ReadFilter):
         """Response fully written (or stream reset)."""
         if self.stream is stream:
             self.stream = None
-        if not stream.request_complete:
+        request_complete = stream.request_complete
+        if not request_complete:
             # Responded before the request was fully read (the reply said connection: close,
             # see send_local_reply): HTTP/1 can't resync, so the connection closes below.
             self.stats.downstream_rq_response_before_rq_complete.value += 1
@@ -273,7 +256,7 @@ class ConnectionManager(nf.ReadFilter):
             or not stream.keep_alive
             or self.remote_closed
             or self.closing
-            or not stream.request_complete
+            or not request_complete
         ):
             conn.close()
             return
@@ -391,6 +374,9 @@ class ConnectionManager(nf.ReadFilter):
 
 _monotonic = time.monotonic
 _getrandbits = random.getrandbits
+_encode_response_head = http1.encode_response_head
+_CONTINUE = hf.CONTINUE
+_STOP_ITERATION = nf.STOP_ITERATION
 
 
 def _loop() -> Any:
@@ -404,6 +390,7 @@ class ActiveStream:
 
     __slots__ = (
         "cm",
+        "connection",
         "request_headers",
         "version",
         "keep_alive",
@@ -434,17 +421,24 @@ class ActiveStream:
         "idle_timeout",
     )
 
-    def __init__(self, cm: ConnectionManager, headers: RequestHeaders, version: int, keep_alive: bool) -> None:
+    def __init__(
+        self, cm: ConnectionManager, headers: RequestHeaders, version: int, keep_alive: bool
+    ) -> None:
         self.cm = cm
+        conn = cm.connection
+        # The downstream connection (fixed for the manager's life), for filters too.
+        self.connection: Connection = conn
         self.request_headers = headers
         self.version = version
         self.keep_alive = keep_alive
-        conn = cm.connection
-        si = StreamInfo(conn.remote_address, conn.local_address, "HTTP/1.1" if version == 11 else "HTTP/1.0")
+        si = StreamInfo(
+            conn.remote_address, conn.local_address, "HTTP/1.1" if version == 11 else "HTTP/1.0"
+        )
         self.stream_info = si
         self._route: Any = _UNSET
-        self.decoder_filters: list[Any] = []
-        self.encoder_filters: list[Any] = []
+        # Filled by HcmConfig.create_filter_chain; never mutated in place (see _finish).
+        self.decoder_filters: list[Any] = _EMPTY
+        self.encoder_filters: list[Any] = _EMPTY
         self.request_complete = False
         self.response_complete = False
         self.response_started = False
@@ -476,22 +470,24 @@ class ActiveStream:
         config = self.cm.config
         self.request_complete = end_stream
         if end_stream:
-            self.stream_info.request_complete_monotonic = time.monotonic()
+            self.stream_info.request_complete_monotonic = _monotonic()
         config.mutate_request_headers(headers, self)
         if config.request_timeout:
             self._timer = queue_for(config.request_timeout).add(self._on_request_timeout)
         filters = config.create_filter_chain(self)
         if self.destroyed or self.response_complete:
             return
-        for i, f in enumerate(filters):
+        i = 0  # a counter, not enumerate(): cheaper for the usual one or two filters
+        for f in filters:
             status = f.decode_headers(headers, end_stream)
             if self.destroyed or self.local_reply:
                 return
-            if status != hf.CONTINUE:
+            if status != _CONTINUE:
                 self._decode_stopped = i
                 self._decode_headers_pending = True
                 self._decode_end = end_stream
                 return
+            i += 1
 
     def decode_data(self, data: bytes, end_stream: bool) -> None:
         if end_stream:
@@ -560,10 +556,10 @@ class ActiveStream:
 
     def _check_decode_buffer(self) -> None:
         buf = self._decode_buffer
-        if buf and sum(len(b) for b in buf) > self.cm.connection.buffer_limit:
+        if buf and sum(len(b) for b in buf) > self.connection.buffer_limit:
             if self.response_started:
                 self.reset(remote=False)
-                self.cm.connection.close()
+                self.connection.close()
             else:
                 self.cm.stats.downstream_rq_too_large.value += 1
                 self.send_local_reply(413, b"Payload Too Large", "request_payload_too_large")
@@ -627,13 +623,14 @@ class ActiveStream:
             return
         self.response_headers = headers
         filters = self.encoder_filters
-        for i, f in enumerate(filters):
-            status = f.encode_headers(headers, end_stream)
-            if status != hf.CONTINUE:
-                self._encode_stopped = i
-                self._pending_response_headers = headers
-                self._encode_end = end_stream
-                return
+        if filters:
+            for i, f in enumerate(filters):
+                status = f.encode_headers(headers, end_stream)
+                if status != _CONTINUE:
+                    self._encode_stopped = i
+                    self._pending_response_headers = headers
+                    self._encode_end = end_stream
+                    return
         self._write_response_headers(headers, end_stream)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
@@ -649,17 +646,18 @@ class ActiveStream:
                 self._encode_end = True
             return
         filters = self.encoder_filters
-        for i, f in enumerate(filters):
-            status = f.encode_data(data, end_stream)
-            if status != hf.CONTINUE:
-                self._encode_stopped = i
-                buf = self._encode_buffer
-                if buf is None:
-                    buf = self._encode_buffer = []
-                if data:
-                    buf.append(data)
-                self._encode_end = end_stream
-                return
+        if filters:
+            for i, f in enumerate(filters):
+                status = f.encode_data(data, end_stream)
+                if status != _CONTINUE:
+                    self._encode_stopped = i
+                    buf = self._encode_buffer
+                    if buf is None:
+                        buf = self._encode_buffer = []
+                    if data:
+                        buf.append(data)
+                    self._encode_end = end_stream
+                    return
         self._write_response_data(data, end_stream)
 
     def encode_trailers(self, trailers: Any) -> None:
@@ -705,15 +703,14 @@ class ActiveStream:
         cm = self.cm
         self.response_started = True
         self.stream_info.response_code = status = headers.status
-        seen = cm.config.mutate_response_headers(headers, self)
+        # The HCM drops the hop-by-hop headers: connection management and framing are the
+        # codec's, below.
+        has_length = cm.config.mutate_response_headers(headers, self)
         hl = headers.headers
-        # The codec owns framing and connection management headers.
-        if seen & _HAS_HOP_BY_HOP:
-            headers.headers = hl = [x for x in hl if x[0] not in _RESPONSE_STRIP]
-        no_body_status = status == 204 or status == 304 or status < 200
+        no_body_status = status < 200 or status == 204 or status == 304
         if no_body_status:
             headers.headers = hl = [x for x in hl if x[0] != b"content-length"]
-        has_length = no_body_status or seen & _HAS_CONTENT_LENGTH
+            has_length = True
         http10 = self.version == 10
         close = self.close_connection or not self.keep_alive or cm.closing or cm.remote_closed
         framing: list[bytes] | None = None
@@ -733,33 +730,32 @@ class ActiveStream:
             hl.append([b"connection", b"keep-alive"])
         if framing is not None:
             hl.append(framing)
-        head = http1.encode_response_head(status, hl, self.version)
+        head = _encode_response_head(status, hl, self.version)
         cm.last_activity = _monotonic()
         cm.stats.downstream_cx_tx_bytes_total.value += len(head)
-        cm.connection.write(head)
+        self.connection.write(head)
         if end_stream or self.is_head or no_body_status:
             self._on_response_complete()
 
     def _write_response_data(self, data: bytes, end_stream: bool) -> None:
         if self.response_complete:
             return
-        conn = self.cm.connection
         n = len(data)
         if n:
-            self.cm.last_activity = _monotonic()
+            cm = self.cm
+            cm.last_activity = _monotonic()
             self.stream_info.bytes_sent += n
-            if self.is_head:
-                pass
-            elif self.chunked:
+            # chunked is never set for HEAD, whose body is dropped.
+            if self.chunked:
                 chunk = http1.encode_chunk(data)
-                self.cm.stats.downstream_cx_tx_bytes_total.value += len(chunk)
-                conn.write(chunk)
-            else:
-                self.cm.stats.downstream_cx_tx_bytes_total.value += n
-                conn.write(data)
+                cm.stats.downstream_cx_tx_bytes_total.value += len(chunk)
+                self.connection.write(chunk)
+            elif not self.is_head:
+                cm.stats.downstream_cx_tx_bytes_total.value += n
+                self.connection.write(data)
         if end_stream:
-            if self.chunked and not self.is_head:
-                conn.write(http1.LAST_CHUNK)
+            if self.chunked:
+                self.connection.write(http1.LAST_CHUNK)
             self._on_response_complete()
 
     def _on_response_complete(self) -> None:
@@ -792,7 +788,7 @@ class ActiveStream:
         if self.response_started:
             # Too late for a reply: reset (HTTP/1 closes the connection).
             self.reset(remote=False)
-            self.cm.connection.close()
+            self.connection.close()
             return
         self.local_reply = True
         b = body.encode() if isinstance(body, str) else body
@@ -812,16 +808,16 @@ class ActiveStream:
         """The upstream can't take more: stop reading the downstream."""
         if not self._upstream_above:
             self._upstream_above = True
-            self.cm.connection.read_disable(True)
+            self.connection.read_disable(True)
 
     def on_decoder_filter_below_write_buffer_low_watermark(self) -> None:
         if self._upstream_above:
             self._upstream_above = False
-            self.cm.connection.read_disable(False)
+            self.connection.read_disable(False)
 
     def add_downstream_watermark_callbacks(self, cb: Any) -> None:
         self.watermark_callbacks.append(cb)
-        if self.cm.connection.above_high_watermark:
+        if self.connection.above_high_watermark:
             cb.on_above_write_buffer_high_watermark()
 
     def remove_downstream_watermark_callbacks(self, cb: Any) -> None:
@@ -829,10 +825,6 @@ class ActiveStream:
             self.watermark_callbacks.remove(cb)
         except ValueError:
             pass
-
-    @property
-    def connection(self) -> Connection:
-        return self.cm.connection
 
     # --- end of stream ---------------------------------------------------------------------
     def _on_request_timeout(self) -> None:
@@ -859,7 +851,7 @@ class ActiveStream:
     def reset_stream(self) -> None:
         """A filter aborts the stream after the response started: HTTP/1 closes the connection."""
         self.reset(remote=False)
-        self.cm.connection.close(flush=True)
+        self.connection.close(flush=True)
 
     def reset(self, remote: bool = True) -> None:
         """Abort the stream: filters are told, the upstream request (if any) is cancelled."""
@@ -883,12 +875,15 @@ class ActiveStream:
             t.cancel()
         if self._upstream_above:
             self._upstream_above = False
-            self.cm.connection.read_disable(False)
-        for f in self.decoder_filters:
+            self.connection.read_disable(False)
+        decoders = self.decoder_filters
+        for f in decoders:
             f.on_destroy()
-        for f in self.encoder_filters:
-            if f not in self.decoder_filters:
-                f.on_destroy()
+        encoders = self.encoder_filters
+        if encoders:
+            for f in encoders:
+                if f not in decoders:
+                    f.on_destroy()
         self.cm.config.on_stream_complete(self)
         # Break stream <-> filter reference cycles so refcounting frees a finished stream
         # at once (no garbage-collector work per request).

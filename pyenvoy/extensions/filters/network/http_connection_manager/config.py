@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,13 +22,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.fields import reject_unsupported, seconds
 from pyenvoy.extensions import registry
-from pyenvoy.http.conn_manager import (
-    RESPONSE_HEADER_KINDS,
-    RESPONSE_K_DATE,
-    RESPONSE_K_SERVER,
-    ConnectionManager,
-    http_date,
-)
+from pyenvoy.http.conn_manager import ConnectionManager, http_date
 from pyenvoy.network.utility import is_loopback, local_address
 from pyenvoy.stats import Scope, StatsStruct
 from pyenvoy.stream_info import format_address
@@ -38,9 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyenvoy.http")
 
-TYPE_URL = (
-    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-)
+TYPE_URL = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
 class HcmStats(StatsStruct):
@@ -126,22 +119,26 @@ class ListenerHttpStats(StatsStruct):
 
 _monotonic = time.monotonic
 _rid_pool: list[bytes] = []
+# UUID v4 fix-ups as byte translations: the version nibble (byte 6) and the RFC 4122
+# variant bits (byte 8).
+_UUID_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+_UUID_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))
+# 32 hex digits -> the five dash-separated groups of a UUID's text form.
+_UUID_GROUPS = struct.Struct("8s4s4s4s12s")
+_join_dashes = b"-".join
 
 
 def _new_request_id() -> bytes:
-    """A random UUID v4 (what Envoy puts in x-request-id), made 64 at a time."""
+    """A random UUID v4 (what Envoy puts in x-request-id), made 64 at a time.
+
+    The hot path pops ``_rid_pool`` itself and calls this only when it is empty; the pool is
+    refilled with no Python-level loop (translate, struct unpacking and join run in C)."""
     pool = _rid_pool
     if not pool:
         raw = bytearray(os.urandom(16 * 64))
-        raw[6::16] = bytes([(b & 0x0F) | 0x40 for b in raw[6::16]])  # version 4
-        raw[8::16] = bytes([(b & 0x3F) | 0x80 for b in raw[8::16]])  # RFC 4122 variant
-        h = raw.hex().encode()
-        pool.extend(
-            [
-                b"-".join((h[i : i + 8], h[i + 8 : i + 12], h[i + 12 : i + 16], h[i + 16 : i + 20], h[i + 20 : i + 32]))
-                for i in range(0, len(h), 32)
-            ]
-        )
+        raw[6::16] = raw[6::16].translate(_UUID_VERSION_4)
+        raw[8::16] = raw[8::16].translate(_UUID_VARIANT)
+        pool.extend(map(_join_dashes, _UUID_GROUPS.iter_unpack(raw.hex().encode())))
     return pool.pop()
 
 
@@ -171,16 +168,22 @@ class HcmConfig:
         reject_unsupported(proto, _UNSUPPORTED_FIELDS, path)
         codec = hcm_pb2.HttpConnectionManager.CodecType.Name(proto.codec_type)
         if codec not in ("AUTO", "HTTP1"):
-            raise ConfigError(f"codec_type {codec} is not supported by pyenvoy yet", f"{path}.codec_type")
+            raise ConfigError(
+                f"codec_type {codec} is not supported by pyenvoy yet", f"{path}.codec_type"
+            )
         if proto.normalize_path.value or proto.merge_slashes:
-            raise ConfigError("path normalization is not supported by pyenvoy yet", f"{path}.normalize_path")
+            raise ConfigError(
+                "path normalization is not supported by pyenvoy yet", f"{path}.normalize_path"
+            )
         self.stat_prefix = proto.stat_prefix
         root = ctx.stats
         assert root is not None
         self.stats = HcmStats(root.scope(f"http.{proto.stat_prefix}"))
         lscope: Scope | None = ctx.listener_scope
         self.listener_stats = (
-            ListenerHttpStats(lscope.scope(f"http.{proto.stat_prefix}")) if lscope is not None else None
+            ListenerHttpStats(lscope.scope(f"http.{proto.stat_prefix}"))
+            if lscope is not None
+            else None
         )
         self.router_stats_scope = root.scope(f"http.{proto.stat_prefix}")
         # Counters a completed response bumps, by status class (index 1-5; 0 and 6-9 for
@@ -211,13 +214,19 @@ class HcmConfig:
             rc = proto.route_config
             validate = None
             cm = ctx.cluster_manager
-            if cm is not None and (not rc.HasField("validate_clusters") or rc.validate_clusters.value):
+            if cm is not None and (
+                not rc.HasField("validate_clusters") or rc.validate_clusters.value
+            ):
                 validate = cm.has_cluster
-            self.set_route_table(RouteTable.from_proto(rc, f"{path}.route_config", validate_clusters=validate))
+            self.set_route_table(
+                RouteTable.from_proto(rc, f"{path}.route_config", validate_clusters=validate)
+            )
         elif proto.HasField("rds"):
             providers = getattr(ctx.server, "route_config_providers", None)
             if providers is None:
-                raise ConfigError("rds needs a pyenvoy Server (route config providers)", f"{path}.rds")
+                raise ConfigError(
+                    "rds needs a pyenvoy Server (route config providers)", f"{path}.rds"
+                )
             self.rds_provider = providers.acquire(proto.rds, proto.stat_prefix, self, f"{path}.rds")
         else:
             raise ConfigError("either route_config or rds must be set", path)
@@ -249,7 +258,8 @@ class HcmConfig:
         self.request_headers_timeout = seconds(proto, "request_headers_timeout", 0.0)
         if self.request_headers_timeout:
             raise ConfigError(
-                "request_headers_timeout is not supported by pyenvoy yet", f"{path}.request_headers_timeout"
+                "request_headers_timeout is not supported by pyenvoy yet",
+                f"{path}.request_headers_timeout",
             )
         # How often a connection's idle timer wakes up when nothing is due sooner.
         self.idle_check_interval = min(
@@ -258,7 +268,9 @@ class HcmConfig:
         self.drain_timeout = seconds(proto, "drain_timeout", 5.0)
         self.delayed_close_timeout = seconds(proto, "delayed_close_timeout", 1.0)
         self.accept_http_10 = proto.http_protocol_options.accept_http_10
-        self.default_host_for_http_10 = proto.http_protocol_options.default_host_for_http_10.encode()
+        self.default_host_for_http_10 = (
+            proto.http_protocol_options.default_host_for_http_10.encode()
+        )
         self.proxy_100_continue = proto.proxy_100_continue
         self.internal_networks = [
             ipaddress.ip_network(f"{r.address_prefix}/{r.prefix_len.value}", strict=False)
@@ -276,7 +288,10 @@ class HcmConfig:
         self.filter_factories: list[tuple[str, Callable[[], Any]]] = []
         n = len(proto.http_filters)
         if n == 0:
-            raise ConfigError("http_filters must not be empty (a router filter is required)", f"{path}.http_filters")
+            raise ConfigError(
+                "http_filters must not be empty (a router filter is required)",
+                f"{path}.http_filters",
+            )
         from pyenvoy.config import unpack_any
 
         for i, hf in enumerate(proto.http_filters):
@@ -332,14 +347,17 @@ class HcmConfig:
 
     def create_filter_chain(self, stream: ActiveStream) -> list[Any]:
         """One instance of every HTTP filter for ``stream``: decoders in order, encoders
-        reversed (what each filter is, is learnt from its first instance)."""
+        reversed (what each filter is, is learnt from its first instance). Installs fresh
+        lists as ``stream.decoder_filters`` / ``encoder_filters`` and returns the decoders."""
         roles = self._roles
         if roles is None:
             roles = self._roles = []
             for make in self._makers:
                 sample = make()
-                roles.append((make, hasattr(sample, "decode_headers"), hasattr(sample, "encode_headers")))
-        decoders = stream.decoder_filters
+                roles.append(
+                    (make, hasattr(sample, "decode_headers"), hasattr(sample, "encode_headers"))
+                )
+        stream.decoder_filters = decoders = []
         encoders: list[Any] | None = None
         for make, dec, enc in roles:
             f = make()
@@ -359,29 +377,38 @@ class HcmConfig:
     def mutate_request_headers(self, headers: RequestHeaders, stream: ActiveStream) -> None:
         """Envoy's ConnectionManagerUtility::mutateRequestHeaders (the parts pyenvoy has)."""
         si = stream.stream_info
-        remote = si.downstream_remote_address
-        ip = remote[0] if remote else ""
-        internal = self._is_internal(ip) if self.internal_networks else False
         hl = headers.headers
         xfp = rid = None
         strip = False
-        kind_of = _REQUEST_KINDS.get
-        internal_only = self.internal_only_headers
-        for h in hl:
-            n = h[0]
-            k = kind_of(n)
-            if k is None:
-                if (n[:1] == b"x" and n.startswith(b"x-envoy-")) or n in internal_only:
+        if hl:
+            kind_of = _REQUEST_KINDS.get
+            internal_only = self.internal_only_headers
+            for h in hl:
+                n = h[0]
+                k = kind_of(n)
+                if k is None:
+                    if (n[:1] == b"x" and n.startswith(b"x-envoy-")) or n in internal_only:
+                        strip = True
+                elif k == 1:
+                    xfp = h
+                elif k == 2:
+                    rid = h[1]
+                else:
                     strip = True
-            elif k == 1:
-                xfp = h
-            elif k == 2:
-                rid = h[1]
-            else:
-                strip = True
+        use_remote_address = self.use_remote_address
+        # The peer's address matters only to the edge (use_remote_address) and to
+        # internal_address_config.
+        ip = ""
+        internal = False
+        if use_remote_address or self.internal_networks:
+            remote = si.downstream_remote_address
+            ip = remote[0] if remote else ""
+            internal = self._is_internal(ip) if self.internal_networks else False
         if strip:
-            headers.headers = hl = _strip_request_headers(hl, self.internal_only_headers, not internal)
-        if self.use_remote_address:
+            headers.headers = hl = _strip_request_headers(
+                hl, self.internal_only_headers, not internal
+            )
+        if use_remote_address:
             if not self.skip_xff_append and ip:
                 # Envoy appends its own address for loopback peers.
                 hop = (local_address() if is_loopback(ip) else ip).encode()
@@ -396,18 +423,19 @@ class HcmConfig:
         if self.via is not None:
             via = headers.get(b"via")
             headers.set(b"via", via + b", " + self.via if via else self.via)
-        edge = self.use_remote_address and not internal
-        if self.use_remote_address:
+        if use_remote_address:
             if internal:
                 hl.append([b"x-envoy-internal", b"true"])
             else:
                 hl.append([b"x-envoy-external-address", ip.encode()])
         if self.generate_request_id:
             if rid is None:
-                rid = _new_request_id()
-                headers.headers.append([b"x-request-id", rid])
-            elif edge and not self.preserve_external_request_id:
-                rid = _new_request_id()
+                # _new_request_id() only refills the pool: pop inline.
+                rid = _rid_pool.pop() if _rid_pool else _new_request_id()
+                hl.append([b"x-request-id", rid])
+            elif use_remote_address and not internal and not self.preserve_external_request_id:
+                # An edge request's own x-request-id is replaced.
+                rid = _rid_pool.pop() if _rid_pool else _new_request_id()
                 headers.set(b"x-request-id", rid)
         si.request_id = rid
 
@@ -422,28 +450,36 @@ class HcmConfig:
             return False
         return any(a in n for n in nets)
 
-    def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> int:
-        """date (when absent), server (per server_header_transformation), request id, via.
+    def mutate_response_headers(self, headers: ResponseHeaders, stream: ActiveStream) -> bool:
+        """Envoy's ConnectionManagerUtility::mutateResponseHeaders (the parts pyenvoy has):
+        drops the hop-by-hop headers (the codec writes its own connection management), adds
+        date when absent, server (per server_header_transformation), request id and via.
 
-        Returns the codec's bits from the same pass over the headers (see
-        ``RESPONSE_HEADER_KINDS`` in pyenvoy/http/conn_manager.py)."""
+        Returns whether the response carries a content-length (found in the same pass over
+        the headers), for the codec's framing."""
         hl = headers.headers
-        has_date = False
-        server_entry = None
+        has_date = has_length = False
+        server_entry = drop = None
         servers = 0
-        seen = 0
-        kind_of = RESPONSE_HEADER_KINDS.get
+        kind_of = _RESPONSE_KINDS.get
         for h in hl:
             k = kind_of(h[0])
             if k is not None:
-                if k == RESPONSE_K_DATE:
+                if k == _R_DATE:
                     has_date = True
-                elif k == RESPONSE_K_SERVER:
+                elif k == _R_SERVER:
                     servers += 1
                     if server_entry is None:
                         server_entry = h
+                elif k == _R_CONTENT_LENGTH:
+                    has_length = True
+                elif drop is None:
+                    drop = [h]
                 else:
-                    seen |= k
+                    drop.append(h)
+        if drop is not None:
+            for h in drop:
+                hl.remove(h)
         if not has_date:
             hl.append([b"date", http_date()])
         t = self.server_header_transformation
@@ -468,7 +504,7 @@ class HcmConfig:
             # Failing health checks means draining: close connections as responses finish.
             stream.close_connection = True
             self.stats.downstream_cx_drain_close.value += 1
-        return seen
+        return has_length
 
     def on_stream_complete(self, stream: ActiveStream) -> None:
         s = self.stats
@@ -479,10 +515,28 @@ class HcmConfig:
             for c in self._completed_counters[code // 100 % 10]:
                 c.value += 1
         s.downstream_rq_time.record((_monotonic() - si.start_monotonic) * 1000)
-        for logger in self.access_logs:
-            logger.log(stream.request_headers, stream.response_headers, si)
+        access_logs = self.access_logs
+        if access_logs:
+            for logger in access_logs:
+                logger.log(stream.request_headers, stream.response_headers, si)
 
 
+# Response headers that never go downstream as they came: the codec writes its own
+# connection management and framing (transfer-encoding: chunked when there is no length).
+_RESPONSE_HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+# What mutate_response_headers' pass looks for.
+_R_DATE = 1
+_R_SERVER = 2
+_R_CONTENT_LENGTH = 3
+_R_HOP_BY_HOP = 4
+_RESPONSE_KINDS = {
+    b"date": _R_DATE,
+    b"server": _R_SERVER,
+    b"content-length": _R_CONTENT_LENGTH,
+    **dict.fromkeys(_RESPONSE_HOP_BY_HOP, _R_HOP_BY_HOP),
+}
 # Request headers that never go upstream (hop-by-hop; transfer-encoding is re-added by the
 # upstream codec when the body is chunked).
 _REQUEST_HOP_BY_HOP = frozenset(
@@ -550,7 +604,9 @@ def _strip_request_headers(
     return out
 
 
-def _factory(proto: hcm_pb2.HttpConnectionManager, ctx: registry.FactoryContext) -> Callable[[], Any]:
+def _factory(
+    proto: hcm_pb2.HttpConnectionManager, ctx: registry.FactoryContext
+) -> Callable[[], Any]:
     config = HcmConfig(proto, ctx)
     return config.create_connection_filter
 
