@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter as _Tally
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +27,10 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
     300000, 600000, 1800000, 3600000,
 )
+
+# A histogram sorts its pending values into buckets once this many are waiting (small enough
+# that a flush, done on the request path, never stalls it noticeably), or when it is read.
+_FLUSH_AT = 256
 
 
 class Counter:
@@ -101,9 +106,6 @@ class Histogram:
 
     __slots__ = ("name", "unit", "bounds", "_counts", "_sum", "_count", "_used", "_pending", "record")
 
-    # Small enough that a flush (done on the request path) never stalls it noticeably.
-    _FLUSH_AT = 256
-
     def __init__(self, name: str, unit: str = "ms", bounds: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
         self.name = name
         self.unit = unit
@@ -118,7 +120,7 @@ class Histogram:
     def _record(self, value: float) -> None:
         p = self._pending
         p.append(value)
-        if len(p) >= self._FLUSH_AT:
+        if len(p) >= _FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:
@@ -188,6 +190,35 @@ class Histogram:
         self._counts = [0] * (len(self.bounds) + 1)
         self._sum = 0.0
         self._count = 0
+
+
+class StatGroups:
+    """Stats that one event updates together, chosen by a key (a response's code): each of
+    the key's counters gets one more and each of its histograms the event's value. A key's
+    group is built on first use by ``build(key) -> (counters, histograms)``. ``record`` is
+    one call per event, whatever the number of stats."""
+
+    __slots__ = ("groups", "build")
+
+    def __init__(
+        self, build: Callable[[Any], tuple[tuple[Counter, ...], tuple[Histogram, ...]]]
+    ) -> None:
+        self.groups: dict[Any, tuple[tuple[Counter, ...], tuple[Histogram, ...]]] = {}
+        self.build = build
+
+    def record(self, key: Any, value: float) -> None:
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = self.build(key)
+        counters, histograms = group
+        for c in counters:
+            c.value += 1
+        for h in histograms:
+            # Histogram._record, inlined: the same pending list and flush points.
+            p = h._pending
+            p.append(value)
+            if len(p) >= _FLUSH_AT:
+                h._flush()
 
 
 class Scope:

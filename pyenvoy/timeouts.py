@@ -4,7 +4,8 @@ Strategy: most timeouts on the request path share a duration (every request on a
 has the same 15 s route timeout), so deadlines added to one ``TimeoutQueue`` arrive in
 increasing order. A queue is a deque of entries plus at most one ``loop.call_later`` for
 its head: adding is an append (after dropping cancelled entries at the head), cancelling
-flips a flag, and no timer handle is created or cancelled per request. Queues are shared per event loop and duration.
+drops the entry's callback, and no timer handle is created or cancelled per request.
+Queues are shared per event loop and duration.
 """
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ from typing import Any
 
 
 class Timeout:
-    __slots__ = ("deadline", "callback", "cancelled")
+    """One entry of a TimeoutQueue (made by ``TimeoutQueue.add``): its loop-time
+    ``deadline`` and its ``callback``, None once cancelled or fired."""
 
-    def __init__(self, deadline: float, callback: Callable[[], Any]) -> None:
-        self.deadline = deadline
-        self.callback = callback
-        self.cancelled = False
+    __slots__ = ("deadline", "callback")
+
+    deadline: float
+    callback: Callable[[], Any] | None
 
     def cancel(self) -> None:
-        self.cancelled = True
-        self.callback = _noop
+        self.callback = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.callback is None
 
 
-def _noop() -> None:
-    pass
+_new_timeout = object.__new__
 
 
 class TimeoutQueue:
@@ -42,17 +46,21 @@ class TimeoutQueue:
         self.handle: asyncio.TimerHandle | None = None
 
     def add(self, callback: Callable[[], Any]) -> Timeout:
-        t = Timeout(self.loop.time() + self.seconds, callback)
+        # A Timeout has no __init__: its two fields are set here (one Python call per
+        # timeout, this one, not two).
+        t = _new_timeout(Timeout)
+        t.deadline = deadline = self.loop.time() + self.seconds
+        t.callback = callback
         entries = self.entries
         # Most entries are cancelled long before they are due (a 15 s route timeout, a
         # response in milliseconds): drop cancelled ones from the head as we go, so the
         # queue holds about the in-flight entries, not every request of the last 15 s
         # (memory, and garbage-collector passes over them).
-        while entries and entries[0].cancelled:
+        while entries and entries[0].callback is None:
             entries.popleft()
         entries.append(t)
         if self.handle is None:
-            self.handle = self.loop.call_at(t.deadline, self._fire)
+            self.handle = self.loop.call_at(deadline, self._fire)
         return t
 
     def _fire(self) -> None:
@@ -61,21 +69,22 @@ class TimeoutQueue:
         now = self.loop.time()
         while entries:
             t = entries[0]
-            if t.cancelled:
+            callback = t.callback
+            if callback is None:
                 entries.popleft()
                 continue
             if t.deadline > now:
                 break
             entries.popleft()
-            t.cancelled = True
+            t.callback = None
             try:
-                t.callback()
+                callback()
             except Exception:  # a failing callback must not stop the others
                 import logging
 
                 logging.getLogger("pyenvoy.misc").exception("timeout callback failed")
         # Skip cancelled heads so the next wake-up is for a live entry.
-        while entries and entries[0].cancelled:
+        while entries and entries[0].callback is None:
             entries.popleft()
         if entries:
             self.handle = self.loop.call_at(entries[0].deadline, self._fire)

@@ -42,6 +42,18 @@ reaches every worker like any other check result. The main loop reads worker fra
 ready on; replies to its own requests (stats) carry a ``seq``. Config reloads still run in every worker
 (each owns its ClusterManager); hosts are matched by address.
 
+Outlier detection (passive health) is one detector per cluster too, the main process's, as
+Envoy's workers post to their main thread: a worker's detectors (``use_remote_outlier``)
+decide nothing and buffer every result (cluster, host address, kind, code or reason); the
+buffer goes out once per loop iteration as one frame (op ``outlier_events``, see
+``pyenvoy.upstream.outlier_detection.RemoteOutlier.flush``) and the main process feeds each
+result, in order for each host, to its own detector (``apply_outlier_events``), which ejects,
+runs the interval sweep and un-ejects. Each cluster's ejected hosts go to every worker in the
+``host_health`` messages (key ``outlier``; in the ``init`` frame and the snapshot once ready
+too), which set or clear ``/failed_outlier_check`` there. ``cluster.<c>.outlier_detection.*``
+are therefore the main process's alone, as ``.health_check.*`` are (``_main_only``); passing
+active checks need not go to the workers for un-ejection (``send_passed=False``).
+
 DNS (STRICT_DNS / LOGICAL_DNS clusters) is resolved in the main process only, as Envoy
 resolves on its main thread: a ``DnsPublisher`` sends the whole DNS state whenever a
 cluster's answer changes or clusters come or go (op ``dns_hosts``, see
@@ -100,6 +112,11 @@ from pyenvoy.upstream.health_check import (
     HealthPublisher,
     RemoteHealth,
     apply_immediate_fail,
+)
+from pyenvoy.upstream.outlier_detection import (
+    OUTLIER_EVENTS_OP,
+    RemoteOutlier,
+    apply_outlier_events,
 )
 
 if TYPE_CHECKING:
@@ -208,8 +225,9 @@ def _once_per_update(name: str) -> bool:
 
 
 def _main_only(name: str) -> bool:
-    """Stats only the main process keeps (its health checkers'): never taken from workers."""
-    return ".health_check." in name
+    """Stats only the main process keeps (its health checkers' and outlier detectors'):
+    never taken from workers."""
+    return ".health_check." in name or ".outlier_detection." in name
 
 
 # --------------------------------------------------------------------------- sockets
@@ -452,7 +470,10 @@ class WorkerPool:
         self.health: HealthPublisher | None = None
         self.dns: DnsPublisher | None = None
         if server.cluster_manager is not None:
-            self.health = HealthPublisher(server.cluster_manager, self._send_ready)
+            # (the workers' outlier detectors post to ours: no passed checks to send)
+            self.health = HealthPublisher(
+                server.cluster_manager, self._send_ready, send_passed=False
+            )
             self.dns = DnsPublisher(server.cluster_manager, self._send_ready)
         self.xds_files: FilePublisher | None = None
         if server.xds.record:
@@ -622,7 +643,12 @@ class WorkerPool:
                 self.refresh_stats()
 
     def _on_worker_message(self, w: _Worker, msg: dict[str, Any]) -> None:
-        if msg.get("op") == IMMEDIATE_HC_FAIL_OP:
+        op = msg.get("op")
+        if op == OUTLIER_EVENTS_OP:
+            cm = self.server.cluster_manager
+            if cm is not None:
+                apply_outlier_events(cm, msg)
+        elif op == IMMEDIATE_HC_FAIL_OP:
             cm = self.server.cluster_manager
             if cm is None or not apply_immediate_fail(cm, msg):
                 log.debug("worker %d: immediate health check failure for a gone host", w.index)
@@ -1002,9 +1028,13 @@ class _Control:
             if remote_dns is not None:
                 remote_dns.update(msg)
         elif op == HOST_HEALTH_OP:
-            remote = getattr(self.server.cluster_manager, "remote_health", None)
+            cm = self.server.cluster_manager
+            remote = getattr(cm, "remote_health", None)
             if remote is not None:
                 remote.update(msg)
+            remote_outlier = getattr(cm, "remote_outlier", None)
+            if remote_outlier is not None:
+                remote_outlier.update(msg)
         elif op == "reset_counters":
             self.server.stats.reset_counters()
         elif op == "drain_listeners":
@@ -1013,10 +1043,21 @@ class _Control:
                 drain(**msg.get("args", {}))
 
     def reply(self, msg: dict[str, Any]) -> None:
+        """Send one frame: a non-blocking send first (the whole frame, as a rule), the rest
+        blocking, so frames never interleave."""
+        data = encode_frame(msg)
+        try:
+            sent = self.ctl.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return
+        if sent == len(data):
+            return
         try:
             self.ctl.setblocking(True)
             self.ctl.settimeout(10.0)
-            self.ctl.sendall(encode_frame(msg))
+            self.ctl.sendall(data[sent:])
         except OSError:
             pass
         finally:
@@ -1062,6 +1103,11 @@ async def _worker_serve(
             server.cluster_manager.use_remote_dns(remote_dns)
             if dns_hosts:
                 remote_dns.update(dns_hosts)
+            # ... and detects outliers: we post our results and take its ejections.
+            remote_outlier = RemoteOutlier()
+            server.cluster_manager.use_remote_outlier(remote_outlier)
+            if host_health:
+                remote_outlier.update(host_health)
         await server.start(inherited_sockets=sockets, admin=False)
     except Exception as e:
         send_frame(ctl, {"op": "failed", "error": f"worker {index}: {e}"})
@@ -1074,6 +1120,9 @@ async def _worker_serve(
     remote_health = getattr(server.cluster_manager, "remote_health", None)
     if remote_health is not None:  # from now on the main process reads what we send
         remote_health.report = control.reply
+    outlier_posts = getattr(server.cluster_manager, "remote_outlier", None)
+    if outlier_posts is not None:
+        outlier_posts.set_report(control.reply)
     loop.add_reader(ctl.fileno(), control.on_readable)
     gc.collect()
     gc.freeze()

@@ -658,11 +658,7 @@ def _per_filter(msg: Any) -> dict[str, Any]:
 
 def _strip_query(path: bytes) -> bytes:
     """Envoy's PathUtil::removeQueryAndFragment (cut at the first '?' or '#')."""
-    q = path.find(b"?")
-    if q >= 0:
-        path = path[:q]
-    h = path.find(b"#")
-    return path[:h] if h >= 0 else path
+    return path.partition(b"?")[0].partition(b"#")[0]
 
 
 def _port_start(host: bytes) -> int:
@@ -959,6 +955,7 @@ class Route:
         "_case_sensitive",
         "_checks",
         "_header_checks",
+        "_prefix_only",
         "_path_rewrite",
         "_synthetic",
         "_request_chain",
@@ -1005,6 +1002,9 @@ class Route:
         self._case_sensitive = True
         self._checks: tuple[_MatchCheck, ...] = ()
         self._header_checks: tuple[HeaderMatch, ...] = ()
+        # The matcher when it is nothing but a case-sensitive prefix (the common route
+        # shape): RouteTable.route tests it inline instead of calling _matches.
+        self._prefix_only: bytes | None = None
         self._path_rewrite: Callable[[bytes], bytes] | None = None
         self._synthetic = False
         # Non-empty header mutation levels in application order, resolved on first use
@@ -1261,20 +1261,29 @@ class RouteTable:
 
     def route(self, headers: RequestHeaders, random_value: int = 0) -> Route | None:
         """The first matching Route, the virtual host's TLS redirect, or None (404 NR)."""
-        vhost = self.find_virtual_host(headers)
+        vhost = self._default if self._only_default else self.find_virtual_host(headers)
         if vhost is None:
             return None
         if vhost.require_tls and _forwarded_proto(headers) != b"https":
             if vhost.require_tls == 2 or HeaderMap.get(headers, b"x-envoy-internal") != b"true":
                 return vhost.ssl_redirect_route
         path = headers.path
-        path_only = _strip_query(path)
+        # _strip_query(path), inlined: this runs for every request.
+        path_only = path.partition(b"?")[0].partition(b"#")[0]
         if self._ignore_path_params:
             semi = path_only.find(b";")
             if semi >= 0:
                 path_only = path_only[:semi]
-        qcache: list[Any] = [None]
+        qcache: list[Any] | None = None  # the parsed query, shared by the routes' checks
         for route in vhost.routes:
+            prefix = route._prefix_only
+            if prefix is not None:
+                # Route._matches for a plain case-sensitive prefix, inlined.
+                if path and path_only.startswith(prefix):
+                    return route
+                continue
+            if qcache is None:
+                qcache = [None]
             if route._matches(headers, path_only, qcache, random_value):
                 return route
         return None
@@ -1550,6 +1559,8 @@ def _build_match(route: Route, msg: Any, path: str) -> None:
 
         checks.append(query_check)
     route._checks = tuple(checks)
+    if kind == "prefix" and case_sensitive and not checks and not route._header_checks:
+        route._prefix_only = route._matched
 
 
 def _is_grpc(headers: RequestHeaders) -> bool:

@@ -19,7 +19,10 @@ the swap at once.
 With worker processes the main process's manager runs the health checks and tells
 ``health_observer`` (the WorkerPool's HealthPublisher) of every result, host-set change and
 cluster added or removed; a worker's manager (``use_remote_health``) never starts checkers
-and takes the main process's results instead (pyenvoy.upstream.health_check).
+and takes the main process's results instead (pyenvoy.upstream.health_check). Outlier
+detection likewise: the main process's detectors tell ``health_observer`` of every ejection
+and un-ejection; a worker's (``use_remote_outlier``) only post their results to the main
+process's detectors (pyenvoy.upstream.outlier_detection).
 
 DNS works the same way, as Envoy resolves on its main thread: the main process's DNS
 clusters resolve and tell ``dns_observer`` (the WorkerPool's ``DnsPublisher``) of every
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from pyenvoy.config.errors import ConfigError
 from pyenvoy.config.xds import SubscriptionStats
 from pyenvoy.runtime import for_server as runtime_for_server
-from pyenvoy.stats import Scope, StatsStruct
+from pyenvoy.stats import Counter, Histogram, Scope, StatGroups, StatsStruct
 from pyenvoy.upstream import host as host_module
 from pyenvoy.upstream.circuit_breaker import (
     configured_limits,
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
     from pyenvoy.config.xds import DecodedResource, FilesystemSubscription, XdsManager
     from pyenvoy.stats import Store
     from pyenvoy.upstream.health_check import ClusterHealth, RemoteHealth
+    from pyenvoy.upstream.outlier_detection import RemoteOutlier
 
 log = logging.getLogger("pyenvoy.upstream")
 
@@ -176,34 +180,26 @@ class ClusterStats(StatsStruct):
         # Per-code stats, the class counters and upstream_rq_time appear on first use, as
         # in Envoy; each also has an ``external.`` twin (pyenvoy has no internal requests
         # unless internal_address_config says so, like Envoy 1.40).
-        self._codes: dict[int, tuple[Any, ...]] = {}
         self._external = scope.scope("external")
-        self._rq_time: Any = None
+        # ``responses.record(status, rq_time_ms)``: a response's per-code counters and the
+        # request time histograms, in one call.
+        self.responses = StatGroups(self._response_stats)
 
-    def record_response(self, status: int, rq_time_ms: float) -> None:
-        """Per-response-code counters and the request time histogram."""
-        codes = self._codes.get(status)
-        if codes is None:
-            ext = self._external
-            cls = f"upstream_rq_{status // 100}xx"
-            codes = self._codes[status] = (
-                self.scope.counter(f"upstream_rq_{status}"),
-                self.scope.counter(cls),
+    def _response_stats(self, status: int) -> tuple[tuple[Counter, ...], tuple[Histogram, ...]]:
+        scope = self.scope
+        ext = self._external
+        cls = f"upstream_rq_{status // 100}xx"
+        return (
+            (
+                scope.counter(f"upstream_rq_{status}"),
+                scope.counter(cls),
                 ext.counter(f"upstream_rq_{status}"),
                 ext.counter(cls),
                 self.upstream_rq_completed,
                 ext.counter("upstream_rq_completed"),
-            )
-        for c in codes:
-            c.value += 1
-        times = self._rq_time
-        if times is None:
-            times = self._rq_time = (
-                self.scope.histogram("upstream_rq_time").record,
-                self._external.histogram("upstream_rq_time").record,
-            )
-        for record in times:
-            record(rq_time_ms)
+            ),
+            (scope.histogram("upstream_rq_time"), ext.histogram("upstream_rq_time")),
+        )
 
 
 DEFAULT_CIRCUIT_BREAKERS = [("default", 1024, 1024, 1024, 3), ("high", 1024, 1024, 1024, 3)]
@@ -429,6 +425,7 @@ class Cluster:
         self.hosts: list[Host] = []
         self.healthy_hosts: list[Host] = []
         self.lb: LoadBalancer = self.lb_factory.build([])[0]
+        self._bind_choose_host()
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._resolving: asyncio.Task[None] | None = None
         self.health_checker: Any = None
@@ -516,6 +513,7 @@ class Cluster:
         """Recompute the healthy set and the load balancer (call after a health change)."""
         stats = self.info.stats
         self.lb, self.panic = self.lb_factory.build(self.hosts)
+        self._bind_choose_host()
         self.healthy_hosts = self.lb.hosts
         stats.membership_total.set(len(self.hosts))
         stats.membership_healthy.set(len([h for h in self.hosts if not h.health_flags]))
@@ -526,9 +524,16 @@ class Cluster:
         )
         stats.max_host_weight.set(max((h.weight for h in self.hosts), default=0))
 
-    def choose_host(self, context: Any = None) -> Host | None:
-        if self.panic:
-            self.info.stats.lb_healthy_panic.value += 1
+    def _bind_choose_host(self) -> None:
+        """``choose_host(context)``, the host for a request: the load balancer's own method
+        (one call per request), or in panic one that first counts ``lb_healthy_panic``.
+        Rebound whenever ``lb``/``panic`` change."""
+        self.choose_host: Callable[[Any], Host | None] = (
+            self._choose_host_in_panic if self.panic else self.lb.choose_host
+        )
+
+    def _choose_host_in_panic(self, context: Any = None) -> Host | None:
+        self.info.stats.lb_healthy_panic.value += 1
         return self.lb.choose_host(context)
 
     def adopt_hosts(self, old: Cluster) -> None:
@@ -758,6 +763,9 @@ class ClusterManager:
         self.xds = xds
         self.stats = ClusterManagerStats(stats.scope("cluster_manager"))
         self.clusters: dict[str, Cluster] = {}
+        # ``get(name)``: the active cluster of that name, or None. The dict's own method (one
+        # C call per routed request); ``clusters`` is never rebound.
+        self.get: Callable[[str], Cluster | None] = self.clusters.get
         self.warming: dict[str, Cluster] = {}
         # While a reload builds listeners: the cluster names the new config will have.
         self.staged_names: set[str] | None = None
@@ -771,6 +779,8 @@ class ClusterManager:
         # the main process's answers.
         self.dns_observer: Callable[[Cluster | None], None] | None = None
         self.remote_dns: RemoteDns | None = None
+        # Worker: outlier detectors post their results to the main process's (no sweep here).
+        self.remote_outlier: RemoteOutlier | None = None
         try:
             for i, proto in enumerate(cluster_protos):
                 cpath = f"{path}[{i}]"
@@ -809,16 +819,18 @@ class ClusterManager:
             if proto.HasField("outlier_detection"):
                 from pyenvoy.upstream.outlier_detection import make_outlier_detector
 
+                # (ejections are health changes: they reach health_observer too)
                 cluster.outlier = make_outlier_detector(
-                    cluster, proto.outlier_detection, f"{path}.outlier_detection"
+                    cluster,
+                    proto.outlier_detection,
+                    f"{path}.outlier_detection",
+                    remote=self.remote_outlier,
+                    observer=self._on_health,
                 )
         except BaseException:
             cluster.close()
             raise
         return cluster
-
-    def get(self, name: str) -> Cluster | None:
-        return self.clusters.get(name)
 
     # --- active health across processes ----------------------------------------------------
     def _on_health(self, cluster: Cluster | None, host: Host | None, passed: bool) -> None:
@@ -833,6 +845,17 @@ class ClusterManager:
         for c in (*self.clusters.values(), *self.warming.values()):
             if c.health_checker is not None:
                 c.health_checker.remote = remote
+
+    def use_remote_outlier(self, remote: RemoteOutlier) -> None:
+        """A worker process: outlier detection runs in the main process; every detector here
+        posts its results to ``remote`` and takes the main process's ejections. Call
+        before ``initialize``."""
+        from pyenvoy.upstream.outlier_detection import RemoteOutlierDetector
+
+        self.remote_outlier = remote
+        for c in (*self.clusters.values(), *self.warming.values()):
+            if c.outlier is not None:
+                c.outlier = RemoteOutlierDetector(c, remote)
 
     def health_state(self, names: Iterable[str] | None = None) -> dict[str, ClusterHealth]:
         """Active health of every health-checked cluster (or of those in ``names``): the

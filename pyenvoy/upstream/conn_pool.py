@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyenvoy.pool")
 
+_monotonic = time.monotonic
+_encode_request_head = http1.encode_request_head
+
 # Envoy's reset reason texts (Http::Utility::resetReasonToString).
 CONNECTION_FAILURE = "remote connection failure"
 LOCAL_CONNECTION_FAILURE = "local connection failure"
@@ -183,12 +186,13 @@ class ActiveClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.upstream_cx_rx_bytes_total.value += len(data)
-        if self.stream is None:
+        stream = self.stream
+        if stream is None:
             # Bytes while idle: a protocol error (or an early close notice); drop the connection.
             self.stats.upstream_cx_protocol_error.inc()
             self.close()
             return
-        conn = self.stream.downstream_connection
+        conn = stream.downstream_connection
         conn.cork()
         try:
             self.parser.feed(data)
@@ -289,10 +293,13 @@ class ActiveClient(asyncio.Protocol):
             # rest, so this connection can't be reused (Envoy closes it too).
             self.keep_alive = False
         held = self.held_body
-        self.held_body = None
+        if held is None:
+            held = b""
+        else:
+            self.held_body = None
         stream = self.stream
         if stream is not None:
-            stream.on_upstream_data(held if held is not None else b"", True)
+            stream.on_upstream_data(held, True)
         self._release()
 
     # --- API for the router --------------------------------------------------------------
@@ -303,7 +310,7 @@ class ActiveClient(asyncio.Protocol):
         self.request_complete = end_stream
         self.response_complete = False
         self.parser.expect_response(method)
-        data = http1.encode_request_head(method, target, headers)
+        data = _encode_request_head(method, target, headers)
         self.stats.upstream_cx_tx_bytes_total.value += len(data)
         t = self.transport
         if t is not None:
@@ -376,12 +383,16 @@ class ActiveClient(asyncio.Protocol):
     def _release(self) -> None:
         if self.stream is None or not self.response_complete:
             return
-        if not self.request_complete and self.keep_alive:
+        request_complete = self.request_complete
+        keep_alive = self.keep_alive
+        if not request_complete and keep_alive:
             return
         # _detach(), inlined: this runs once per proxied request.
         self.stream = None
-        self.pool.host.stats.rq_active.value -= 1
-        self.stats.upstream_rq_active.value -= 1
+        pool = self.pool
+        pool.host_stats.rq_active.value -= 1
+        stats = self.stats
+        stats.upstream_rq_active.value -= 1
         res = self.rq_resource
         if res is not None:
             self.rq_resource = None
@@ -391,15 +402,15 @@ class ActiveClient(asyncio.Protocol):
                 res.released()
         if self.read_disabled:
             self.read_disable(False)
-        max_rq = self.pool.info.max_requests_per_connection
+        max_rq = pool.max_requests_per_connection
         if max_rq and self.requests >= max_rq:
-            self.stats.upstream_cx_max_requests.inc()
+            stats.upstream_cx_max_requests.inc()
             self.close()
             return
-        if not self.keep_alive or not self.request_complete or self.draining:
+        if not keep_alive or not request_complete or self.draining:
             self.close()
             return
-        self.pool.on_client_idle(self)
+        pool.on_client_idle(self)
 
     def _fail_stream(self, reason: str) -> None:
         stream = self.stream
@@ -451,11 +462,18 @@ class Http1ConnPool:
         "pool_resource",
         "max_connection_duration",
         "max_stream_duration",
+        "max_requests_per_connection",
+        "stats",
+        "host_stats",
     )
 
     def __init__(self, host: Host, info: ClusterInfo) -> None:
         self.host = host
         self.info = info
+        # Read per request: bound once (a pool lives and dies with its host and cluster).
+        self.stats = info.stats
+        self.host_stats = host.stats
+        self.max_requests_per_connection = info.max_requests_per_connection
         self.idle: list[ActiveClient] = []
         # Waiting requests: (stream, resource manager of its priority).
         self.pending: deque[tuple[Any, ResourceManager]] = deque()
@@ -483,12 +501,28 @@ class Http1ConnPool:
             client = idle.pop()
             if client.closed or client.local_close:
                 continue
-            if self._attach(client, stream, rm):
-                return True
-            idle.append(client)
-            self.rms.upstream_rq_active_overflow.value += 1
-            stream.on_pool_failure(OVERFLOW, "")
-            return False
+            # _attach(), inlined: this runs once per proxied request.
+            res = rm.requests
+            c = res.current + 1
+            if c < res.fast_limit:
+                res.current = c
+            elif not res.acquire():
+                idle.append(client)
+                self.rms.upstream_rq_active_overflow.value += 1
+                stream.on_pool_failure(OVERFLOW, "")
+                return False
+            client.stream = stream
+            client.response_complete = False
+            client.request_complete = False
+            client.rq_resource = res
+            stats = self.stats
+            stats.upstream_rq_total.value += 1
+            stats.upstream_rq_active.value += 1
+            hs = self.host_stats
+            hs.rq_total.value += 1
+            hs.rq_active.value += 1
+            stream.on_pool_ready(client)
+            return True
         stats = self.info.stats
         if not rm.pending_requests.can_create():
             stats.upstream_rq_pending_overflow.inc()
@@ -526,10 +560,10 @@ class Http1ConnPool:
         client.response_complete = False
         client.request_complete = False
         client.rq_resource = res
-        stats = self.info.stats
+        stats = self.stats
         stats.upstream_rq_total.value += 1
         stats.upstream_rq_active.value += 1
-        hs = self.host.stats
+        hs = self.host_stats
         hs.rq_total.value += 1
         hs.rq_active.value += 1
         stream.on_pool_ready(client)
@@ -648,7 +682,7 @@ class Http1ConnPool:
         if self.draining or self.closed or client.draining:
             client.close()
             return
-        client.idle_since = time.monotonic()
+        client.idle_since = _monotonic()
         self.idle.append(client)
         if self._sweep is None:
             self._arm_sweep()

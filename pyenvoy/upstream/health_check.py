@@ -24,7 +24,10 @@ as in Envoy (its main thread): ``HealthPublisher`` sends each change of a cluste
 health flags (``host.ACTIVE_HC_FLAGS``, by cluster name and host address) over the workers'
 control sockets; in a worker the checkers never start and ``RemoteHealth`` applies what
 arrives through the same ``HealthCheckers._report`` a local transition takes. A worker's new
-cluster holds its init until the main process's first round for it is done.
+cluster holds its init until the main process's first round for it is done. The same
+messages carry the main process's outlier ejections (``outlier``: the ejected hosts of each
+cluster with outlier detection, see pyenvoy.upstream.outlier_detection), so a worker that
+starts gets both in one snapshot.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pyenvoy.upstream.host import (
     FAILED_ACTIVE_HC,
     PENDING_ACTIVE_HC,
 )
+from pyenvoy.upstream.outlier_detection import ejected_hosts
 
 if TYPE_CHECKING:
     from pyenvoy.upstream.cluster_manager import Cluster
@@ -1286,12 +1290,16 @@ def encode_health(
     clusters: dict[str, ClusterHealth],
     full: bool,
     passed: dict[str, set[tuple[str, int]]] | None = None,
+    outlier: dict[str, frozenset[tuple[str, int]]] | None = None,
 ) -> dict[str, Any]:
     """The control-socket message (JSON): ``{"op": "host_health", "full": bool, "clusters":
     {name: {"initialized": bool, "hosts": [[ip, port, flags], ...]}}, "passed": {name:
-    [[ip, port], ...]}}``. ``full``: every health-checked cluster is listed (others are
-    forgotten); ``passed``: hosts that passed a check since the last message."""
-    return {
+    [[ip, port], ...]}, "outlier": {name: [[ip, port], ...]}}``. ``full``: every
+    health-checked cluster is listed (others are forgotten); ``passed``: hosts that passed a
+    check since the last message; ``outlier`` (left out when empty): the hosts the main
+    process's outlier detector has ejected, per cluster whose set changed (``full``: every
+    cluster with outlier detection; see ``outlier_detection.RemoteOutlier.update``)."""
+    msg = {
         "op": HOST_HEALTH_OP,
         "full": full,
         "clusters": {
@@ -1300,6 +1308,9 @@ def encode_health(
         },
         "passed": {name: [list(a) for a in addrs] for name, addrs in (passed or {}).items()},
     }
+    if outlier:
+        msg["outlier"] = {name: sorted(addrs) for name, addrs in outlier.items()}
+    return msg
 
 
 IMMEDIATE_HC_FAIL_OP = "host_immediate_hc_fail"
@@ -1379,15 +1390,25 @@ class RemoteHealth:
 
 
 class HealthPublisher:
-    """The main process's side: watches its cluster manager's health checks and sends every
-    change of a cluster's active health state (the whole cluster, deduplicated, batched per
-    loop iteration) through ``send``; passing checks of clusters with outlier detection go
-    out every ``PASSED_FLUSH_S`` (they un-eject hosts in the workers)."""
+    """The main process's side: watches its cluster manager's health checks and outlier
+    detectors and sends every change of a cluster's active health state or of its
+    outlier-ejected hosts (the whole cluster, deduplicated, batched per loop iteration)
+    through ``send``. With ``send_passed`` (for workers whose outlier detectors decide on
+    their own), passing checks of clusters with outlier detection go out every
+    ``PASSED_FLUSH_S`` (they un-eject hosts in such workers); a WorkerPool's workers post
+    their results to this process's detectors instead and need no such word."""
 
-    def __init__(self, cluster_manager: Any, send: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        cluster_manager: Any,
+        send: Callable[[dict[str, Any]], None],
+        send_passed: bool = True,
+    ) -> None:
         self.cm = cluster_manager
         self.send = send
+        self.send_passed = send_passed
         self.sent: dict[str, ClusterHealth] = {}
+        self.sent_outlier: dict[str, frozenset[tuple[str, int]]] = {}
         self.dirty: set[str] = set()
         self.resync = True
         self.passed: dict[str, set[tuple[str, int]]] = {}
@@ -1416,7 +1437,7 @@ class HealthPublisher:
                     host.health_flags & ACTIVE_HC_FLAGS
                 ):
                     self.dirty.add(name)
-                if passed and cluster.outlier is not None:
+                if passed and self.send_passed and cluster.outlier is not None:
                     self.passed.setdefault(name, set()).add(host.address)
         self._schedule()
 
@@ -1446,23 +1467,31 @@ class HealthPublisher:
         if full:
             clusters = self.cm.health_state()
             changed = clusters
+            outlier = changed_outlier = ejected_hosts(self.cm)
         else:
-            clusters = self.cm.health_state(self.dirty) if self.dirty else {}
+            dirty = self.dirty
+            clusters = self.cm.health_state(dirty) if dirty else {}
             changed = {n: s for n, s in clusters.items() if self.sent.get(n) != s}
+            outlier = ejected_hosts(self.cm, dirty) if dirty else {}
+            changed_outlier = {
+                n: s for n, s in outlier.items() if self.sent_outlier.get(n, frozenset()) != s
+            }
         passed, self.passed = self.passed, {}
         self.resync = False
         self.dirty.clear()
         if full:
             self.sent = clusters
+            self.sent_outlier = outlier
         else:
             self.sent.update(changed)
-        if full or changed or passed:
-            self.send(encode_health(changed, full, passed))
+            self.sent_outlier.update(changed_outlier)
+        if full or changed or passed or changed_outlier:
+            self.send(encode_health(changed, full, passed, changed_outlier))
 
     def snapshot(self) -> dict[str, Any]:
         """The whole current state, for a worker that starts (after a flush to the others)."""
         self.flush()
-        return encode_health(self.sent, True)
+        return encode_health(self.sent, True, outlier=self.sent_outlier)
 
 
 def make_health_checker(cluster: Cluster, protos: Any, path: str) -> HealthCheckers:

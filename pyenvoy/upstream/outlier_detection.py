@@ -18,6 +18,20 @@ Without ``split_external_local_origin_errors`` local-origin failures count as HT
 (a reset or connect failure as 503, a timeout as 504, tcp_proxy's final connect success as
 200); with it they feed separate counters and a separate success rate, and each upstream
 response also counts as a local-origin success (Envoy records the successful connect).
+
+With worker processes (``--concurrency N``) there is one detector per cluster for the whole
+proxy, in the main process, as Envoy's detector lives on its main thread: a worker's
+``cluster.outlier`` is a ``RemoteOutlierDetector`` that decides nothing and keeps no state;
+each result is one tuple appended to the process's ``RemoteOutlier`` buffer, which goes to
+the main process as one ``outlier_events`` frame per loop iteration (by host, runs of equal
+results counted once). There ``apply_outlier_events`` hands every result to the main
+process's detector through the same ``on_upstream_response`` / ``on_local_origin_*`` methods
+as a local result, and that detector runs the interval sweep; its ejections and
+un-ejections reach the cluster manager's ``health_observer`` (the WorkerPool's
+``HealthPublisher``), which sends each cluster's ejected hosts to every worker
+(``host_health`` messages, key ``outlier``), where ``RemoteOutlierDetector.apply_remote``
+sets or clears ``/failed_outlier_check`` and rebuilds the load balancer. Single-process mode
+never builds any of this.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.config.errors import ConfigError
@@ -38,8 +53,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DetectorHostMonitor",
+    "OUTLIER_EVENTS_OP",
     "OutlierDetector",
     "OutlierDetectionStats",
+    "RemoteOutlier",
+    "RemoteOutlierDetector",
+    "apply_outlier_events",
+    "ejected_hosts",
     "make_outlier_detector",
 ]
 
@@ -255,6 +275,9 @@ class OutlierDetector:
         self.success_rate_ejection_threshold = -1.0
         self.local_origin_success_rate_average = -1.0
         self.local_origin_success_rate_ejection_threshold = -1.0
+        # Hears of every ejection and un-ejection (the cluster manager's health observer:
+        # with workers, the main process publishes the cluster's ejected hosts to them).
+        self.observer: Callable[[Cluster, Host | None, bool], None] | None = None
         for h in cluster.hosts:
             self.monitor(h)
 
@@ -386,6 +409,8 @@ class OutlierDetector:
             m.eject_time_backoff += 1
         stats.ejections_active.set(active + 1)
         self.cluster.refresh_health()
+        if self.observer is not None:
+            self.observer(self.cluster, None, False)
 
     def _uneject(self, m: DetectorHostMonitor, now: float) -> None:
         m.host.health_flags &= ~FAILED_OUTLIER_CHECK
@@ -393,6 +418,8 @@ class OutlierDetector:
         m.last_unejection_time = now
         self.stats.ejections_active.set(self._ejections_active())
         self.cluster.refresh_health()
+        if self.observer is not None:
+            self.observer(self.cluster, None, False)
 
     # --- the interval sweep ----------------------------------------------------------------
     def _on_interval(self) -> None:
@@ -496,5 +523,243 @@ class OutlierDetector:
                         self._eject(m, type_)
 
 
-def make_outlier_detector(cluster: Any, proto: Any, path: str) -> OutlierDetector:
-    return OutlierDetector(cluster, proto, path)
+def make_outlier_detector(
+    cluster: Any,
+    proto: Any,
+    path: str,
+    *,
+    remote: RemoteOutlier | None = None,
+    observer: Callable[[Cluster, Host | None, bool], None] | None = None,
+) -> OutlierDetector | RemoteOutlierDetector:
+    """The cluster's detector (``observer`` hears of its ejections and un-ejections); in a
+    worker process (``remote`` given) one that posts its results to the main process's
+    detector and takes its ejections."""
+    if remote is not None:
+        DetectorConfig(proto, path)  # the same checks and texts as in the main process
+        return RemoteOutlierDetector(cluster, remote)
+    od = OutlierDetector(cluster, proto, path)
+    od.observer = observer
+    return od
+
+
+# --- with worker processes: one detector per cluster, in the main process ------------------
+
+OUTLIER_EVENTS_OP = "outlier_events"
+# Event kinds: what the router or tcp_proxy reported (the value is the status code, the
+# failure reason, or whether a local-origin success was final).
+UPSTREAM_RESPONSE, LOCAL_ORIGIN_FAILURE, LOCAL_ORIGIN_SUCCESS = range(3)
+
+Address = tuple[str, int]
+
+
+class RemoteOutlierDetector:
+    """A worker's ``cluster.outlier``: it decides nothing. Each result is one tuple
+    ``(cluster, host address, kind, value)`` appended to the process's ``RemoteOutlier``
+    buffer (sent to the main process once per loop iteration); the main process's
+    ejections arrive through ``RemoteOutlier.update`` into ``apply_remote``."""
+
+    __slots__ = ("cluster", "name", "remote", "_events")
+
+    def __init__(self, cluster: Cluster, remote: RemoteOutlier) -> None:
+        self.cluster = cluster
+        self.name = cluster.info.name
+        self.remote = remote
+        self._events = remote.events
+
+    # --- results from the router (per response: one append) --------------------------------
+    def on_upstream_response(self, host: Host, status: int) -> None:
+        events = self._events
+        if not events:
+            self.remote.schedule()
+        events.append((self.name, host.address, UPSTREAM_RESPONSE, status))
+
+    def on_local_origin_failure(self, host: Host, reason: str) -> None:
+        if reason in _IGNORED_REASONS:
+            return
+        events = self._events
+        if not events:
+            self.remote.schedule()
+        events.append((self.name, host.address, LOCAL_ORIGIN_FAILURE, reason))
+
+    def on_local_origin_success(self, host: Host, final: bool = True) -> None:
+        events = self._events
+        if not events:
+            self.remote.schedule()
+        events.append((self.name, host.address, LOCAL_ORIGIN_SUCCESS, final))
+
+    def on_active_health_check_success(self, host: Host) -> None:
+        """The main process's detector un-ejects on its own checks' success."""
+
+    # --- lifecycle: no sweep here, only the main process's word ------------------------------
+    def start(self) -> None:
+        self.remote.subscribe(self)
+        self.apply_remote()
+
+    def stop(self) -> None:
+        self.remote.unsubscribe(self)
+
+    def apply_remote(self) -> None:
+        """One home for the main process's ejections in a worker: set or clear each host's
+        ``/failed_outlier_check`` and rebuild the load balancer if any changed."""
+        ejected = self.remote.ejected.get(self.name, ())
+        changed = False
+        for h in self.cluster.hosts:
+            flags = h.health_flags
+            if h.address in ejected:
+                new = flags | FAILED_OUTLIER_CHECK
+            else:
+                new = flags & ~FAILED_OUTLIER_CHECK
+            if new != flags:
+                h.health_flags = new
+                changed = True
+        if changed:
+            self.cluster.refresh_health()
+
+
+class RemoteOutlier:
+    """A worker process's side of outlier detection: the buffer of results for the main
+    process and the main process's ejected hosts, by cluster name.
+
+    ``events`` goes out as one ``outlier_events`` frame per loop iteration (``call_soon``
+    when it becomes non-empty) through ``report``, which the worker sets once the main
+    process reads its frames (until then the events wait). ``update`` takes the
+    ``outlier`` part of a ``host_health`` message and applies it to the subscribed
+    detectors of those clusters."""
+
+    def __init__(self, report: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.events: list[tuple[str, Address, int, Any]] = []
+        self.report = report
+        self.ejected: dict[str, frozenset[Address]] = {}
+        self._subscribers: dict[str, list[RemoteOutlierDetector]] = {}
+
+    def set_report(self, report: Callable[[dict[str, Any]], None] | None) -> None:
+        self.report = report
+        if report is not None and self.events:
+            self.schedule()
+
+    def schedule(self) -> None:
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:  # no loop (a test driving detectors by hand): flush() later
+            pass
+
+    def flush(self) -> None:
+        """Send the buffered results as one frame, by host and in order for each host,
+        equal results in a row counted once: ``{"op": "outlier_events", "hosts": [[cluster,
+        ip, port, [kind, value, count, kind, value, count, ...]], ...]}``. (Results for
+        different hosts are independent in the detector, as they are when Envoy's workers
+        post them to its main thread in whatever order; a busy worker's batch is then a
+        few runs per host instead of one entry per request.)"""
+        report = self.report
+        events = self.events
+        if report is None or not events:
+            return
+        hosts: dict[tuple[str, Address], list[Any]] = {}
+        for name, address, kind, value in events:
+            key = (name, address)
+            runs = hosts.get(key)
+            if runs is None:
+                hosts[key] = [kind, value, 1]
+            elif runs[-3] == kind and runs[-2] == value:
+                runs[-1] += 1
+            else:
+                runs += (kind, value, 1)
+        events.clear()
+        report(
+            {
+                "op": OUTLIER_EVENTS_OP,
+                "hosts": [[n, a[0], a[1], runs] for (n, a), runs in hosts.items()],
+            }
+        )
+
+    def subscribe(self, d: RemoteOutlierDetector) -> None:
+        subs = self._subscribers.setdefault(d.name, [])
+        if d not in subs:
+            subs.append(d)
+
+    def unsubscribe(self, d: RemoteOutlierDetector) -> None:
+        subs = self._subscribers.get(d.name)
+        if subs is not None and d in subs:
+            subs.remove(d)
+            if not subs:
+                del self._subscribers[d.name]
+
+    def update(self, msg: dict[str, Any]) -> None:
+        """Apply the ejections of one ``host_health`` message (``encode_health``):
+        ``"outlier": {cluster: [[ip, port], ...]}`` lists the ejected hosts of each
+        cluster whose set changed; a ``full`` message lists every cluster with outlier
+        detection (one it leaves out has no ejected host)."""
+        state = {
+            str(name): frozenset((str(ip), int(port)) for ip, port in addrs)
+            for name, addrs in (msg.get("outlier") or {}).items()
+        }
+        if msg.get("full"):
+            names = self.ejected.keys() | state.keys()
+            self.ejected = state
+        else:
+            names = set(state)
+            self.ejected.update(state)
+        for name in names:
+            for d in list(self._subscribers.get(name, ())):
+                d.apply_remote()
+
+
+def apply_outlier_events(cluster_manager: Any, msg: dict[str, Any]) -> int:
+    """The main process's side of ``RemoteOutlier.flush``: each result, in order for each
+    host, goes to this process's detector of that cluster through the same method a local
+    result takes. Returns how many were applied (results for a cluster or host that is
+    gone, e.g. after a reload raced them, are dropped)."""
+    targets: dict[str, tuple[OutlierDetector | None, dict[Address, Host]]] = {}
+    applied = 0
+    for entry in msg.get("hosts") or ():
+        try:
+            name, ip, port, runs = entry
+            target = targets.get(name)
+            if target is None:
+                cluster = cluster_manager.get(name)
+                found = getattr(cluster, "outlier", None)
+                if isinstance(found, OutlierDetector):
+                    by_address = {h.address: h for h in reversed(cluster.hosts)}
+                    target = targets[name] = (found, by_address)
+                else:
+                    target = targets[name] = (None, {})
+            od, hosts = target
+            host = hosts.get((ip, port))
+        except (TypeError, ValueError):  # not an entry of ours
+            continue
+        if od is None or host is None:
+            continue
+        for i in range(0, len(runs) - 2, 3):
+            kind, value, count = runs[i], runs[i + 1], int(runs[i + 2])
+            if kind == UPSTREAM_RESPONSE:
+                status = int(value)
+                for _ in range(count):
+                    od.on_upstream_response(host, status)
+            elif kind == LOCAL_ORIGIN_FAILURE:
+                reason = str(value)
+                for _ in range(count):
+                    od.on_local_origin_failure(host, reason)
+            elif kind == LOCAL_ORIGIN_SUCCESS:
+                final = bool(value)
+                for _ in range(count):
+                    od.on_local_origin_success(host, final)
+            else:
+                continue
+            applied += count
+    return applied
+
+
+def ejected_hosts(
+    cluster_manager: Any, names: Iterable[str] | None = None
+) -> dict[str, frozenset[Address]]:
+    """The ejected host addresses of every active cluster with outlier detection in this
+    process (or of those in ``names``): what the main process publishes to its workers."""
+    clusters = cluster_manager.clusters
+    out: dict[str, frozenset[Address]] = {}
+    for name in clusters if names is None else names:
+        c = clusters.get(name)
+        if c is not None and isinstance(c.outlier, OutlierDetector):
+            out[name] = frozenset(
+                h.address for h in c.hosts if h.health_flags & FAILED_OUTLIER_CHECK
+            )
+    return out
