@@ -220,6 +220,14 @@ class StatGroups:
             if len(p) >= _FLUSH_AT:
                 h._flush()
 
+    def count(self, key: Any) -> None:
+        """The key's counters only (an event without a value for the histograms)."""
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = self.build(key)
+        for c in group[0]:
+            c.value += 1
+
 
 class Scope:
     """A name prefix over a Store: ``scope.counter("x")`` is ``<prefix>.x``."""

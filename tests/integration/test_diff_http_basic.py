@@ -265,9 +265,18 @@ def test_reply_before_request_body_complete_closes(proxy: ProxyProcess) -> None:
 
 
 def test_no_healthy_upstream_503(proxy: ProxyProcess) -> None:
+    before = proxy.stats().get("cluster.empty.upstream_rq_503", 0)
     ex = exchange(proxy.listener_port, b"GET /nohost HTTP/1.1\r\nHost: a\r\n\r\n")
     assert_local_reply(ex.response, 503, "Service Unavailable", b"no healthy upstream")
     assert not ex.closed
+    # The 503 is counted (and completed), but no request went out: no upstream_rq_time.
+    stats = proxy.wait_stat("cluster.empty.upstream_rq_503", before + 1)
+    assert stats["cluster.empty.upstream_rq_completed"] >= 1
+    assert stats["cluster.empty.external.upstream_rq_5xx"] >= 1
+    assert stats.get("cluster.empty.upstream_rq_time", "No recorded values") in (
+        "No recorded values",
+        None,
+    )
 
 
 def test_upstream_connection_refused_503(proxy: ProxyProcess) -> None:

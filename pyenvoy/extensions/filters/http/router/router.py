@@ -318,9 +318,10 @@ class RouterConfig:
         for c in counters:
             c.value += 1
 
-    def charge_internal(self, info: Any, status: int, ms: float) -> None:
+    def charge_internal(self, info: Any, status: int, ms: float | None) -> None:
         """Response stats of an internal request (``x-envoy-internal: true``): like
-        ClusterStats.responses, with ``internal.`` instead of ``external.``."""
+        ClusterStats.responses, with ``internal.`` instead of ``external.``; ``ms`` None
+        counts the response without a request time."""
         key = (info.stats, status)
         entry = self._internal_stats.get(key)
         if entry is None:
@@ -340,8 +341,9 @@ class RouterConfig:
             )
         for c in entry[0]:
             c.value += 1
-        for h in entry[1]:
-            h.record(ms)
+        if ms is not None:
+            for h in entry[1]:
+                h.record(ms)
 
 
 class _Ext:
@@ -927,13 +929,17 @@ class Router(hf.StreamDecoderFilter):
                 ur.client = None
         self._cleanup()
 
-    def _charge(self, status: int) -> None:
+    def _charge(self, status: int, timed: bool = True) -> None:
+        """A response's per-code stats and, when ``timed`` (an upstream request was made),
+        its ``upstream_rq_time``."""
         ext = self.ext
-        ms = (time.monotonic() - self.start) * 1000
+        ms = (time.monotonic() - self.start) * 1000 if timed else None
         if ext is not None and ext.internal:
             self.config.charge_internal(self.cluster.info, status, ms)
-        else:
+        elif ms is not None:
             self.cluster.info.stats.responses.record(status, ms)
+        else:
+            self.cluster.info.stats.responses.count(status)
 
     def _cleanup(self) -> None:
         if self.done:
@@ -1014,7 +1020,8 @@ class Router(hf.StreamDecoderFilter):
         info = self.cluster.info
         if none_healthy:
             info.stats.upstream_cx_none_healthy.value += 1
-        self._charge(503)
+        # Envoy counts the 503 but records no upstream_rq_time: no request went out.
+        self._charge(503, timed=False)
         self._local_reply(
             503, b"no healthy upstream", "no_healthy_upstream", sinfo.NO_HEALTHY_UPSTREAM
         )
