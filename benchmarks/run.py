@@ -267,6 +267,7 @@ def cpu_by_session(sids: tuple[int, ...]) -> dict[int, float]:
 class CpuSnapshot:
     wall: float
     machine: float  # user+nice+system seconds of the whole machine
+    steal: float  # seconds the hypervisor ran something else on our vCPUs
     ours: float  # proxy + upstreams + load generator + this script
     proxy: float
 
@@ -274,24 +275,30 @@ class CpuSnapshot:
     def take(cls, proxy_sid: int, helper_sids: tuple[int, ...]) -> CpuSnapshot:
         with open("/proc/stat") as f:
             cpu = f.readline().split()
-        machine = (int(cpu[1]) + int(cpu[2]) + int(cpu[3])) / os.sysconf("SC_CLK_TCK")
+        tck = os.sysconf("SC_CLK_TCK")
+        machine = (int(cpu[1]) + int(cpu[2]) + int(cpu[3])) / tck
+        steal = int(cpu[8]) / tck if len(cpu) > 8 else 0.0
         sessions = cpu_by_session((proxy_sid, *helper_sids))
         usage = 0.0
         for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
             ru = resource.getrusage(who)
             usage += ru.ru_utime + ru.ru_stime
-        return cls(time.monotonic(), machine, sum(sessions.values()) + usage, sessions[proxy_sid])
+        return cls(
+            time.monotonic(), machine, steal, sum(sessions.values()) + usage, sessions[proxy_sid]
+        )
 
 
 def foreign_cores(before: CpuSnapshot, after: CpuSnapshot) -> float:
-    """CPU (in cores) that processes outside this benchmark used during the window.
+    """CPU (in cores) that processes outside this benchmark used during the window, plus
+    the time the hypervisor stole from this VM's CPUs (/proc/stat "steal").
 
     Softirq time (loopback packet processing) is left out on both sides, so
     this approximates other users of the machine: the number that explains a
     disturbed round on a shared box.
     """
     wall = max(after.wall - before.wall, 1e-9)
-    return max(0.0, (after.machine - before.machine) - (after.ours - before.ours)) / wall
+    others = max(0.0, (after.machine - before.machine) - (after.ours - before.ours))
+    return (others + max(0.0, after.steal - before.steal)) / wall
 
 
 def _pin(cpu: int | None) -> Any:
@@ -684,7 +691,7 @@ def markdown_rounds(report: dict[str, Any]) -> str:
         head += [f"{label} rate", f"{label} p99 ms", f"{label} CPU"]
     if two:
         head += ["rate ratio", "p99 ratio"]
-    head.append("others (cores)")
+    head.append("others+steal (cores)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, sres in report["scenarios"].items():
         wrk = sres["kind"] == "wrk"
