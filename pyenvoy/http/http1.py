@@ -605,6 +605,25 @@ class _Parser:
         state machine, or None, with nothing done, to leave all of ``data`` to it."""
         return None
 
+    def _ll_feed(self, data: bytes, make: Any) -> Any:
+        """Feed one whole message (starting at a message boundary) to this parser's llhttp
+        parser, made by ``make(collector)`` when there is none; the head lands in
+        ``self._llh``. None, with the llhttp parser dropped, when llhttp refused the bytes:
+        the general path then decides (and reports the exact error)."""
+        ll = self._ll
+        if ll is None:
+            ll = self._ll = make(self._llh)
+        head = self._llh
+        head.headers = []
+        head.special = None
+        head.done = False
+        try:
+            ll.feed_data(data)
+        except _LLError:
+            self._ll = None
+            return None
+        return ll
+
     def _fast_done(self, tail: bytes) -> None:
         """After a fast-path message: bytes after it, bytes fed from its callbacks, an EOF
         seen meanwhile and an undelivered message end go to the state machine."""
@@ -675,19 +694,11 @@ class RequestParser(_Parser):
             or b"\t\r\n" in data
         ):
             return None
-        ll = self._ll
+        ll = self._ll_feed(data, httptools.HttpRequestParser)
         if ll is None:
-            ll = self._ll = httptools.HttpRequestParser(self._llh)
-        head = self._llh
-        headers: list[list[bytes]] = []
-        head.headers = headers
-        head.special = None
-        head.done = False
-        try:
-            ll.feed_data(data)
-        except _LLError:
-            self._ll = None
             return None
+        head = self._llh
+        headers = head.headers
         method = ll.get_method()
         target = head.url
         vers = ll.get_http_version()
@@ -944,19 +955,11 @@ class ResponseParser(_Parser):
             or data.find(b"\t\r\n", 0, hend + 2) >= 0
         ):
             return None
-        ll = self._ll
+        ll = self._ll_feed(data, httptools.HttpResponseParser)
         if ll is None:
-            ll = self._ll = httptools.HttpResponseParser(self._llh)
-        head = self._llh
-        headers: list[list[bytes]] = []
-        head.headers = headers
-        head.special = None
-        head.done = False
-        try:
-            ll.feed_data(data)
-        except _LLError:
-            self._ll = None
             return None
+        head = self._llh
+        headers = head.headers
         # Every header line was one field of THIS message (llhttp may have gone on into
         # bytes after it).
         if (

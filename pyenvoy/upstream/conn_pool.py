@@ -501,28 +501,12 @@ class Http1ConnPool:
             client = idle.pop()
             if client.closed or client.local_close:
                 continue
-            # _attach(), inlined: this runs once per proxied request.
-            res = rm.requests
-            c = res.current + 1
-            if c < res.fast_limit:
-                res.current = c
-            elif not res.acquire():
-                idle.append(client)
-                self.rms.upstream_rq_active_overflow.value += 1
-                stream.on_pool_failure(OVERFLOW, "")
-                return False
-            client.stream = stream
-            client.response_complete = False
-            client.request_complete = False
-            client.rq_resource = res
-            stats = self.stats
-            stats.upstream_rq_total.value += 1
-            stats.upstream_rq_active.value += 1
-            hs = self.host_stats
-            hs.rq_total.value += 1
-            hs.rq_active.value += 1
-            stream.on_pool_ready(client)
-            return True
+            if self._attach(client, stream, rm):
+                return True
+            idle.append(client)
+            self.rms.upstream_rq_active_overflow.value += 1
+            stream.on_pool_failure(OVERFLOW, "")
+            return False
         stats = self.info.stats
         if not rm.pending_requests.can_create():
             stats.upstream_rq_pending_overflow.inc()
