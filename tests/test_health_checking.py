@@ -445,14 +445,14 @@ async def test_no_traffic_interval_until_traffic(running: Any, upstreams: Any) -
     a = upstreams()
     r: Running = await running(
         cluster(
-            [a.port], {"http_health_check": {"path": "/healthz"}, "no_traffic_interval": "0.3s"}
+            [a.port], {"http_health_check": {"path": "/healthz"}, "no_traffic_interval": "1s"}
         )
     )
     await r.flags_are({a.port: "healthy"})
     await asyncio.sleep(0.2)
     assert r.hc()["attempt"] == 1  # no traffic yet: the next check waits no_traffic_interval
     assert await r.get() == 200
-    await r.eventually(lambda: r.hc()["attempt"] >= 2, 1)
+    await r.eventually(lambda: r.hc()["attempt"] >= 2, 2)
     attempts = r.hc()["attempt"]
     await asyncio.sleep(0.3)
     assert r.hc()["attempt"] >= attempts + 3  # now every 50 ms

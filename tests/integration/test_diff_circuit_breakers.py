@@ -114,7 +114,8 @@ def test_pending_overflow(proxy: ProxyProcess) -> None:
     assert stats[gauges + "remaining_cx_pools"] == UNLIMITED
     assert stats[gauges + "rq_pending_open"] == 0
     t1, r1 = in_background(proxy.listener_port, "/pending")
-    stats = wait_stats(proxy, {pre + "upstream_rq_active": 1})
+    # (Envoy's gauges follow the counters a moment later: wait for both.)
+    stats = wait_stats(proxy, {pre + "upstream_rq_active": 1, gauges + "remaining_rq": 1023})
     assert stats[gauges + "remaining_rq"] == 1023
     assert stats[gauges + "remaining_cx_pools"] == UNLIMITED - 1
     t2, r2 = in_background(proxy.listener_port, "/pending")
