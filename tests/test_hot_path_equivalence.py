@@ -13,44 +13,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
 
 import pytest
 
-from pyenvoy.config import load_bootstrap
-from pyenvoy.network.connection import Connection
-from pyenvoy.server import Server
-from pyenvoy.upstream.conn_pool import ActiveClient
-
-CONFIG = """
-static_resources:
-  listeners:
-  - name: l
-    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress_http
-%s
-          route_config:
-            virtual_hosts:
-            - name: b
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: backend }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-  clusters:
-  - name: backend
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: backend
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 9 } } } }] }]
-"""
+from tests.support.memory import InMemoryProxy, proxy_config
 
 GET = b"GET /hello HTTP/1.1\r\nHost: a.example\r\n\r\n"
 DATE = b"Date: Sun, 22 Nov 2026 07:00:00 GMT\r\n"
@@ -80,73 +46,15 @@ def _norm(b: bytes) -> str:
     return b.decode("latin-1")
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        if name == "peername":
-            return ("127.0.0.1", 40000)
-        if name == "sockname":
-            return ("127.0.0.1", 10000)
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
-class _Proxy:
-    """One downstream connection and one idle upstream connection of a fresh Server."""
+class _Proxy(InMemoryProxy):
+    """InMemoryProxy with extra HCM fields, exchanges compared as normalised text."""
 
     def __init__(self, hcm_extra: str = "") -> None:
-        extra = "\n".join("          " + line for line in hcm_extra.strip().splitlines())
-        self.server = Server(load_bootstrap(yaml_text=CONFIG % extra))
-        listener: Any = self.server.listener_manager.listeners[0]
-        self.conn = Connection(listener.filter_factories, listener, listener.buffer_limit)
-        self.down = _Transport()
-        self.conn.connection_made(self.down)  # type: ignore[arg-type]
-        cm: Any = self.server.cluster_manager
-        pool = cm.http_conn_pool(cm.get("backend").hosts[0])
-        self.client = ActiveClient(pool)
-        self.up = _Transport()
-        self.client.connection_made(self.up)  # type: ignore[arg-type]
-        self.client.connected = True
-        pool.clients.add(self.client)
-        pool.on_client_idle(self.client)
+        super().__init__(proxy_config(hcm_extra=hcm_extra))
 
-    def exchange(self, request: bytes, response: bytes) -> tuple[str, str]:
-        """(what the client received, what the upstream received) for one exchange."""
-        self.down.out.clear()
-        self.up.out.clear()
-        self.conn.data_received(request)
-        if self.up.out:
-            self.client.data_received(response)
-        return _norm(b"".join(self.down.out)), _norm(b"".join(self.up.out))
-
-    def counter(self, name: str) -> int:
-        return self.server.stats.counters[name].value
+    def exchange(self, request: bytes, response: bytes) -> tuple[str, str]:  # type: ignore[override]
+        down, up = super().exchange(request, response)
+        return _norm(down), _norm(up)
 
 
 CASES = {

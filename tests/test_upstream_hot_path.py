@@ -17,14 +17,11 @@ import pytest
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from google.protobuf import json_format
 
-from pyenvoy.config import load_bootstrap
 from pyenvoy.http.headers import RequestHeaders
-from pyenvoy.network.connection import Connection
 from pyenvoy.router import RouteTable
-from pyenvoy.server import Server
 from pyenvoy.stats import Histogram, StatGroups, Store
 from pyenvoy.timeouts import TimeoutQueue
-from pyenvoy.upstream.conn_pool import ActiveClient
+from tests.support.memory import InMemoryProxy, proxy_config
 
 # --- stats ---------------------------------------------------------------------------------------
 
@@ -138,72 +135,11 @@ def test_inline_prefix_match_agrees_with_route_matches(path: str, header: str | 
 
 # --- end to end: router + pool + stats on in-memory transports -----------------------------------
 
-_CONFIG = """
-static_resources:
-  listeners:
-  - name: l
-    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress_http
-          route_config:
-            virtual_hosts:
-            - name: b
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/none" }
-                route: { cluster: backend, timeout: 0s }
-              - match: { prefix: "/" }
-                route: { cluster: backend }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-              suppress_envoy_headers: %s
-  clusters:
-  - name: backend
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: backend
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 9 } } } }] }]
-"""
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 10000)}.get(
-            name, default
-        )
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
+_ROUTES = """\
+- match: { prefix: "/none" }
+  route: { cluster: backend, timeout: 0s }
+- match: { prefix: "/" }
+  route: { cluster: backend }"""
 
 
 _RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
@@ -217,23 +153,25 @@ def _upstream_head(data: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("suppress", [False, True])
 async def test_keep_alive_requests_stats_and_upstream_heads(suppress: bool) -> None:
-    server = Server(load_bootstrap(yaml_text=_CONFIG % ("true" if suppress else "false")))
-    listener = server.listener_manager.listeners[0]
-    conn = Connection(listener.filter_factories, listener, listener.buffer_limit)
-    down = _Transport()
-    conn.connection_made(down)  # type: ignore[arg-type]
+    proxy = InMemoryProxy(
+        proxy_config(
+            routes=_ROUTES,
+            router_extra=f"suppress_envoy_headers: {'true' if suppress else 'false'}",
+        )
+    )
+    server, conn, down, up, client, pool = (
+        proxy.server,
+        proxy.conn,
+        proxy.down,
+        proxy.up,
+        proxy.client,
+        proxy.pool,
+    )
     cm = server.cluster_manager
     assert cm is not None
     cluster = cm.get("backend")
     assert cluster is not None and cm.get("nope") is None
     host = cluster.hosts[0]
-    pool = cm.http_conn_pool(host)
-    client = ActiveClient(pool)
-    up = _Transport()
-    client.connection_made(up)  # type: ignore[arg-type]
-    client.connected = True
-    pool.clients.add(client)
-    pool.on_client_idle(client)
 
     requests = [
         b"GET /a?q=1 HTTP/1.1\r\nHost: h\r\n\r\n",
