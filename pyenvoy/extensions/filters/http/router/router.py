@@ -906,13 +906,9 @@ class Router(hf.StreamDecoderFilter):
     def _complete(self, status: int) -> None:
         if self.done:
             return
-        cluster = self.cluster
+        self._charge(status)
         ext = self.ext
-        if ext is None or not ext.internal:
-            cluster.info.stats.responses.record(status, (_monotonic() - self.start) * 1000.0)
-        else:
-            self._charge(status)
-        od = cluster.outlier
+        od = self.cluster.outlier
         if od is not None:
             od.on_upstream_response(self.host, status)
         hs = self.host.stats
@@ -933,7 +929,7 @@ class Router(hf.StreamDecoderFilter):
         """A response's per-code stats and, when ``timed`` (an upstream request was made),
         its ``upstream_rq_time``."""
         ext = self.ext
-        ms = (time.monotonic() - self.start) * 1000 if timed else None
+        ms = (_monotonic() - self.start) * 1000.0 if timed else None
         if ext is not None and ext.internal:
             self.config.charge_internal(self.cluster.info, status, ms)
         elif ms is not None:
