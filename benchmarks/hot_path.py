@@ -114,9 +114,14 @@ async def run(n: int, profile: bool) -> float:
     pool.clients.add(client)
     pool.on_client_idle(client)
 
+    batch = conn._batch  # the loop's WriteBatch: one run() per loop pass, as in a server
+    assert batch is not None
+
     def one() -> None:
         conn.data_received(REQUEST)
+        batch.run()
         client.data_received(RESPONSE)
+        batch.run()
 
     for _ in range(1000):
         one()

@@ -258,8 +258,10 @@ async def test_generated_request_ids_are_unique_uuid4_across_pool_refills() -> N
         proxy.down.out.clear()
         proxy.up.out.clear()
         proxy.conn.data_received(GET)
+        proxy.flush()
         head = b"".join(proxy.up.out)
         proxy.client.data_received(PLAIN)
+        proxy.flush()
         m = re.search(rb"x-request-id: ([^\r]*)\r\n", head)
         assert m is not None
         ids.append(m.group(1))

@@ -181,8 +181,10 @@ async def test_keep_alive_requests_stats_and_upstream_heads(suppress: bool) -> N
     heads = []
     for r in requests:
         conn.data_received(r)
+        proxy.flush()
         heads.append(_upstream_head(up.out[-1]))
         client.data_received(_RESPONSE)
+        proxy.flush()
     timeout = [] if suppress else [b"x-envoy-expected-rq-timeout-ms: 15000"]
     assert heads == [
         [b"GET /a?q=1 HTTP/1.1", b"host: h", b"x-forwarded-proto: http", *timeout],

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.network import filter as nf
+from pyenvoy.network import write_batch
 
 if TYPE_CHECKING:
     from pyenvoy.network.filter import ConnectionCallbacks, ReadFilter
@@ -56,7 +57,8 @@ class Connection(asyncio.Protocol):
         "half_close",
         "bytes_received",
         "bytes_sent",
-        "_cork",
+        "_out",
+        "_batch",
     )
 
     def __init__(
@@ -85,13 +87,15 @@ class Connection(asyncio.Protocol):
         self.half_close = False
         self.bytes_received = 0
         self.bytes_sent = 0
-        # While corked, writes are collected and sent as one write on uncork (fewer syscalls
-        # when a response's head and body are produced in the same callback).
-        self._cork: list[bytes] | None = None
+        # Bytes written during this loop pass, sent as one transport write at its end
+        # (pyenvoy.network.write_batch); None while nothing waits.
+        self._out: list[bytes] | None = None
+        self._batch: write_batch.WriteBatch | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._batch = write_batch.batch_for_running_loop()
         self.start_monotonic = time.monotonic()
         self.remote_address = sockname(transport.get_extra_info("peername"))
         self.local_address = sockname(transport.get_extra_info("sockname"))
@@ -138,6 +142,7 @@ class Connection(asyncio.Protocol):
             return
         self.closed = True
         self.transport = None
+        self._out = None
         event = nf.LOCAL_CLOSE if self.local_close else nf.REMOTE_CLOSE
         for cb in list(self.callbacks):
             try:
@@ -169,49 +174,53 @@ class Connection(asyncio.Protocol):
             pass
 
     def write(self, data: bytes, end_stream: bool = False) -> None:
+        """Send ``data`` (then a FIN with ``end_stream``): queued until the end of this loop
+        pass and sent with whatever else this pass writes here (write_batch)."""
         t = self.transport
         if t is None:
             return
         if data:
             self.bytes_sent += len(data)
-            cork = self._cork
-            if cork is not None:
-                cork.append(data)
-                if not end_stream:
-                    return
-                self._cork = None
-                t.write(b"".join(cork))
+            out = self._out
+            if out is not None:
+                out.append(data)
             else:
-                t.write(data)
+                batch = self._batch
+                if batch is None:
+                    t.write(data)
+                else:
+                    self._out = [data]
+                    batch.add(self)
+            if len(data) >= write_batch.FLUSH_NOW_BYTES:
+                self.flush_writes()
         if end_stream:
+            self.flush_writes()
             try:
                 t.write_eof()
             except (OSError, RuntimeError, NotImplementedError):
                 pass
 
-    def cork(self) -> None:
-        if self._cork is None:
-            self._cork = []
-
-    def uncork(self) -> None:
-        cork = self._cork
-        if cork is None:
+    def flush_writes(self) -> None:
+        """Hand what this pass wrote to the transport now (one write)."""
+        out = self._out
+        if out is None:
             return
-        self._cork = None
+        self._out = None
         t = self.transport
-        if cork and t is not None:
-            t.write(cork[0] if len(cork) == 1 else b"".join(cork))
+        if t is not None:
+            t.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self, flush: bool = True) -> None:
-        self.uncork()
         """Close the connection; ``flush`` writes out what is buffered first."""
         t = self.transport
         if t is None or self.local_close:
             return
         self.local_close = True
         if flush:
+            self.flush_writes()
             t.close()
         else:
+            self._out = None
             t.abort()
 
     def read_disable(self, disable: bool) -> None:

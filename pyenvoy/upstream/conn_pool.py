@@ -38,6 +38,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pyenvoy.http import http1
+from pyenvoy.network import write_batch
 from pyenvoy.upstream.circuit_breaker import resource_managers
 
 if TYPE_CHECKING:
@@ -144,6 +145,8 @@ class ActiveClient(asyncio.Protocol):
         "draining",
         "duration_handle",
         "reset_with_active",
+        "_out",
+        "_batch",
     )
 
     def __init__(self, pool: Http1ConnPool) -> None:
@@ -171,10 +174,14 @@ class ActiveClient(asyncio.Protocol):
         self.draining = False
         self.duration_handle: asyncio.TimerHandle | None = None
         self.reset_with_active = False
+        # Bytes written during this loop pass, sent as one write at its end (write_batch).
+        self._out: list[bytes] | None = None
+        self._batch: write_batch.WriteBatch | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._batch = write_batch.batch_for_running_loop()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -192,8 +199,6 @@ class ActiveClient(asyncio.Protocol):
             self.stats.upstream_cx_protocol_error.inc()
             self.close()
             return
-        conn = stream.downstream_connection
-        conn.cork()
         try:
             self.parser.feed(data)
             # Body bytes held back in case the end of the message followed in this read.
@@ -209,8 +214,6 @@ class ActiveClient(asyncio.Protocol):
             log.debug("upstream protocol error from %s: %s", self.pool.host.address, e.details)
             self._fail_stream(PROTOCOL_ERROR)
             self.close()
-        finally:
-            conn.uncork()
 
     def eof_received(self) -> bool:
         stream = self.stream
@@ -226,6 +229,7 @@ class ActiveClient(asyncio.Protocol):
             return
         self.closed = True
         self.transport = None
+        self._out = None
         h = self.duration_handle
         if h is not None:
             h.cancel()
@@ -314,7 +318,15 @@ class ActiveClient(asyncio.Protocol):
         self.stats.upstream_cx_tx_bytes_total.value += len(data)
         t = self.transport
         if t is not None:
-            t.write(data)
+            # Queued for the end of this loop pass (write_batch), as Connection.write does.
+            out = self._out
+            if out is not None:
+                out.append(data)
+            elif self._batch is None:
+                t.write(data)
+            else:
+                self._out = [data]
+                self._batch.add(self)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         t = self.transport
@@ -322,7 +334,16 @@ class ActiveClient(asyncio.Protocol):
             return
         if data:
             self.stats.upstream_cx_tx_bytes_total.value += len(data)
-            t.write(data)
+            out = self._out
+            if out is not None:
+                out.append(data)
+            elif self._batch is None:
+                t.write(data)
+            else:
+                self._out = [data]
+                self._batch.add(self)
+            if len(data) >= write_batch.FLUSH_NOW_BYTES:
+                self.flush_writes()
         if end_stream:
             self.request_complete = True
             if self.response_complete:
@@ -348,14 +369,26 @@ class ActiveClient(asyncio.Protocol):
             self.reset_with_active = True
         self.close(abort=True)
 
+    def flush_writes(self) -> None:
+        """Hand what this pass wrote to the transport now (one write)."""
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        t = self.transport
+        if t is not None:
+            t.write(out[0] if len(out) == 1 else b"".join(out))
+
     def close(self, abort: bool = False) -> None:
         t = self.transport
         if t is None or self.local_close:
             return
         self.local_close = True
         if abort:
+            self._out = None
             t.abort()
         else:
+            self.flush_writes()
             t.close()
 
     @property

@@ -127,9 +127,18 @@ class InMemoryProxy:
         self.down.out.clear()
         self.up.out.clear()
         self.conn.data_received(request)
+        self.flush()
         if self.up.out:
             self.client.data_received(response)
+            self.flush()
         return b"".join(self.down.out), b"".join(self.up.out)
+
+    def flush(self) -> None:
+        """End of a loop pass: what the connections wrote reaches the transports
+        (pyenvoy.network.write_batch; nothing waits when built outside a running loop)."""
+        for batch in {self.conn._batch, self.client._batch}:
+            if batch is not None:
+                batch.run()
 
     def counter(self, name: str) -> int:
         return self.server.stats.counters[name].value
