@@ -111,7 +111,11 @@ class ConnectionManager(nf.ReadFilter):
             if stream is None:
                 self.connection.close()
             elif not stream.request_complete:
-                # Client went away mid-request: reset the stream and close.
+                # Client went away mid-request: Envoy's connection raises RemoteClose with
+                # the stream still active (on_event's accounting), then resets it.
+                s = self.stats
+                s.downstream_cx_destroy_active_rq.value += 1
+                s.downstream_cx_destroy_remote_active_rq.value += 1
                 stream.stream_info.set_response_flag(sinfo.DOWNSTREAM_CONNECTION_TERMINATION)
                 stream.reset(remote=True)
                 self.connection.close()

@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         "bytes_sent",
         "_out",
         "_batch",
+        "peer_closed",
     )
 
     def __init__(
@@ -85,6 +86,9 @@ class Connection(asyncio.Protocol):
         # Listener-level stats object (or None); see listener.ListenerStats.
         self.stats = getattr(listener, "stats", None)
         self.half_close = False
+        # A FIN arrived while half-close was off: whoever closes the socket afterwards, the
+        # close is the peer's (Envoy's ConnectionImpl raises RemoteClose for it).
+        self.peer_closed = False
         self.bytes_received = 0
         self.bytes_sent = 0
         # Bytes written during this loop pass, sent as one transport write at its end
@@ -131,6 +135,8 @@ class Connection(asyncio.Protocol):
                 return
 
     def eof_received(self) -> bool:
+        if not self.half_close:
+            self.peer_closed = True
         for f in self.read_filters:
             if f.on_data(b"", True) == nf.STOP_ITERATION:
                 break
@@ -143,7 +149,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.transport = None
         self._out = None
-        event = nf.LOCAL_CLOSE if self.local_close else nf.REMOTE_CLOSE
+        event = nf.LOCAL_CLOSE if self.local_close and not self.peer_closed else nf.REMOTE_CLOSE
         for cb in list(self.callbacks):
             try:
                 cb.on_event(event)

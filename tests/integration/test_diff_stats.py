@@ -104,6 +104,10 @@ def test_http_connection_manager_counters(run: dict[str, Any]) -> None:
         "http.ingress_http.downstream_cx_http1_total": 6,
         "http.ingress_http.downstream_cx_active": 0,
         "http.ingress_http.downstream_cx_destroy": 6,
+        # Every client closed its idle keep-alive connection: remote closes (Envoy treats
+        # a FIN on a connection without half-close as the peer closing).
+        "http.ingress_http.downstream_cx_destroy_remote": 6,
+        "http.ingress_http.downstream_cx_destroy_local": 0,
         "http.ingress_http.no_route": 1,
         "http.ingress_http.rq_total": 6,
     }

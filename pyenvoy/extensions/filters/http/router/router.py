@@ -971,9 +971,9 @@ class Router(hf.StreamDecoderFilter):
                     s.abort()
             ext.shadows = None
         if not self.done:
-            # Downstream went away (or a local reply ended the stream) mid-request.
-            if self.cluster is not None and self.host is not None and self.client is not None:
-                self.cluster.info.stats.upstream_rq_tx_reset.value += 1
+            # Downstream went away (or a local reply ended the stream) mid-request. Envoy's
+            # HTTP/1 pool closes the upstream connection without counting
+            # upstream_rq_tx_reset (only its multiplexed pools count local resets).
             self._cleanup()
 
     # --- local replies -------------------------------------------------------------------
