@@ -146,8 +146,11 @@ class FrameDecoder:
         return out
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one for all frames (workers send per pass)
+
+
 def encode_frame(obj: Any) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+    body = _ENCODER.encode(obj).encode()
     return _HEADER.pack(len(body)) + body
 
 
