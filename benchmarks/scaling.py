@@ -37,6 +37,35 @@ COMMANDS = {
 }
 
 
+def _round(
+    i: int,
+    levels: tuple[int, int],
+    labels: list[str],
+    proxies: dict[tuple[str, int], Any],
+    sc: Any,
+    ports: dict[str, int],
+    args: argparse.Namespace,
+    script: Path,
+    helper_sids: tuple[int, ...],
+) -> dict[str, Any]:
+    """One round: each proxy at both levels (the level order alternates between rounds)."""
+    rnd: dict[str, Any] = {}
+    order = levels if i % 2 == 0 else levels[::-1]
+    for label in labels:
+        for n in order:
+            m = bench.measure(
+                proxies[(label, n)], sc, ports, args, {sc.name: script}, None, helper_sids
+            )
+            rnd[f"{label}-c{n}"] = m
+            bench.log(f"round {i + 1} {label} c{n}: {bench._describe(sc, m)}")
+        a, b = rnd[f"{label}-c1"]["rps"], rnd[f"{label}-c{levels[1]}"]["rps"]
+        rnd[f"{label}_ratio"] = b / a if a else None
+    rnd["foreign_cores"] = max(
+        rnd[f"{label}-c{n}"]["foreign_cores"] for label in labels for n in levels
+    )
+    return rnd
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -47,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="the concurrency compared with 1")
     p.add_argument("--wrk-threads", type=int, default=1)
     p.add_argument("--start-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.3,
+        help="a round is 'disturbed' when processes outside the benchmark plus hypervisor "
+        "steal took more than this many cores during any of its runs (default 0.3)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="measure a disturbed round again (all four runs) up to N times, keeping the "
+        "quietest (default 0)",
+    )
     p.add_argument("--out", type=Path)
     p.add_argument("--python", default=sys.executable, help="interpreter that runs pyenvoy")
     args = p.parse_args(argv)
@@ -87,18 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         report["commands"] = {f"{k[0]}-c{k[1]}": shlex.join(v.argv) for k, v in proxies.items()}
         helper_sids = (nginx.pid,)
         for i in range(args.rounds):
-            rnd: dict[str, Any] = {}
-            order = levels if i % 2 == 0 else levels[::-1]
-            for label in labels:
-                for n in order:
-                    m = bench.measure(
-                        proxies[(label, n)], sc, ports, args, {sc.name: script}, None, helper_sids
-                    )
-                    rnd[f"{label}-c{n}"] = m
-                    bench.log(f"round {i + 1} {label} c{n}: {bench._describe(sc, m)}")
-                a, b = rnd[f"{label}-c1"]["rps"], rnd[f"{label}-c{args.workers}"]["rps"]
-                rnd[f"{label}_ratio"] = b / a if a else None
-            rounds.append(rnd)
+            best: dict[str, Any] | None = None
+            for attempt in range(args.retries + 1):
+                rnd = _round(i, levels, labels, proxies, sc, ports, args, script, helper_sids)
+                rnd["attempts"] = attempt + 1
+                if best is None or rnd["foreign_cores"] < best["foreign_cores"]:
+                    best = rnd
+                if rnd["foreign_cores"] <= args.quiet_threshold:
+                    break
+                more = ", measuring the round again" if attempt < args.retries else ""
+                bench.log(f"round disturbed: {rnd['foreign_cores']:.2f} cores{more}")
+            assert best is not None
+            rounds.append(best)
         finished = True
     except KeyboardInterrupt:
         return 130
@@ -133,16 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{med(m['proxy_cpu_util'] for m in c1):.2f} | {med(m['proxy_cpu_util'] for m in cw):.2f} | "
             f"{errors} |"
         )
+    quiet = [r for r in rounds if r["foreign_cores"] <= args.quiet_threshold]
+    print(
+        f"\nQuiet rounds (others+steal <= {args.quiet_threshold} cores): {len(quiet)} of {len(rounds)}"
+    )
+    for label in labels:
+        qr = [r[f"{label}_ratio"] for r in quiet if r.get(f"{label}_ratio")]
+        if qr:
+            print(f"- {label}: ratio median over quiet rounds {statistics.median(qr):.3f}")
     print(
         "\n| round | "
         + " | ".join(f"{k} req/s" for k in report["commands"])
-        + " | others (cores) |"
+        + " | others+steal (cores) |"
     )
     print("|---|" + "---|" * (len(report["commands"]) + 1))
     for i, r in enumerate(rounds, 1):
         cells = [f"{r[k]['rps']:,.0f}" for k in report["commands"]]
-        others = max(r[k]["foreign_cores"] for k in report["commands"])
-        print(f"| {i} | " + " | ".join(cells) + f" | {others:.2f} |")
+        print(f"| {i} | " + " | ".join(cells) + f" | {r['foreign_cores']:.2f} |")
     return 0
 
 
