@@ -187,18 +187,7 @@ class Connection(asyncio.Protocol):
             return
         if data:
             self.bytes_sent += len(data)
-            out = self._out
-            if out is not None:
-                out.append(data)
-            else:
-                batch = self._batch
-                if batch is None:
-                    t.write(data)
-                else:
-                    self._out = [data]
-                    batch.add(self)
-            if len(data) >= write_batch.FLUSH_NOW_BYTES:
-                self.flush_writes()
+            write_batch.send(self, t, data)
         if end_stream:
             self.flush_writes()
             try:
@@ -208,13 +197,7 @@ class Connection(asyncio.Protocol):
 
     def flush_writes(self) -> None:
         """Hand what this pass wrote to the transport now (one write)."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        t = self.transport
-        if t is not None:
-            t.write(out[0] if len(out) == 1 else b"".join(out))
+        write_batch.flush(self)
 
     def close(self, flush: bool = True) -> None:
         """Close the connection; ``flush`` writes out what is buffered first."""

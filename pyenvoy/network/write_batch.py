@@ -11,8 +11,9 @@ machine with wrk and nginx: writing at once, every proxied request woke nginx 0.
 pyenvoy does the same with one ``WriteBatch`` per event loop. An owner (a downstream
 ``Connection``, an upstream HTTP/1 ``ActiveClient``) keeps what it is given in its ``_out``
 list and queues itself the first time (``add``); ``run`` is one ``call_soon`` callback per
-pass, so it comes after every I/O callback of that pass, and calls each owner's
-``flush_writes()``, which hands all its bytes to the transport in one ``write``.
+pass, so it comes after every I/O callback of that pass, and ``flush``es each owner: all its
+bytes go to the transport in one ``write``. ``send`` and ``flush`` are the only code that
+queues or writes an owner's ``_out`` (an abort just drops it).
 Everything that must keep its order with those bytes (``write_eof``, ``close``) flushes
 first. A chunk of ``FLUSH_NOW_BYTES`` or more is flushed at once, so that the transport's
 back-pressure (``pause_writing`` at the high watermark) stays as immediate for bulk bodies
@@ -24,17 +25,46 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
-__all__ = ["FLUSH_NOW_BYTES", "WriteBatch", "batch_for_running_loop"]
+__all__ = ["FLUSH_NOW_BYTES", "WriteBatch", "batch_for_running_loop", "flush", "send"]
 
 FLUSH_NOW_BYTES = 64 * 1024
 
 
 class Flushable(Protocol):
-    """What ``run`` needs of an owner (both owners also have ``flush_writes()``, the same
-    steps, for the paths that must flush early)."""
+    """An owner of a transport whose writes wait here: its bytes of this pass (``_out``),
+    its loop's batch (``_batch``, None: write at once) and the transport."""
 
     _out: list[bytes] | None
+    _batch: WriteBatch | None
     transport: Any
+
+
+def send(owner: Flushable, transport: Any, data: bytes) -> None:
+    """Queue ``data`` (non-empty) for the end of this pass, after what ``owner`` already
+    queued; a chunk of FLUSH_NOW_BYTES or more goes out at once, with them."""
+    out = owner._out
+    if out is not None:
+        out.append(data)
+    else:
+        batch = owner._batch
+        if batch is None:
+            transport.write(data)
+            return
+        owner._out = [data]
+        batch.add(owner)
+    if len(data) >= FLUSH_NOW_BYTES:
+        flush(owner)
+
+
+def flush(owner: Flushable) -> None:
+    """Hand what ``owner`` queued to its transport now, as one write."""
+    out = owner._out
+    if out is None:
+        return
+    owner._out = None
+    t = owner.transport
+    if t is not None:
+        t.write(out[0] if len(out) == 1 else b"".join(out))
 
 
 class WriteBatch:
@@ -62,14 +92,7 @@ class WriteBatch:
             return
         self.pending = []
         for owner in pending:
-            # owner.flush_writes(), inlined: this runs for every write of every pass.
-            out = owner._out
-            if out is None:
-                continue
-            owner._out = None
-            t = owner.transport
-            if t is not None:
-                t.write(out[0] if len(out) == 1 else b"".join(out))
+            flush(owner)
 
 
 _current: WriteBatch | None = None
