@@ -20,10 +20,21 @@ Stats: ``WorkerPool.refresh_stats`` is a ``Server.stats_refreshers`` entry: befo
 renders ``/stats`` it asks every worker for a snapshot (counters and gauges that are used
 or non-zero, histogram buckets) over the control socket and writes the SUM into the main
 store; gauges that are the same configuration state in every worker (cluster membership,
-listener counts, circuit breaker state) take the maximum instead. Counters of a worker that
+listener counts) take the maximum instead. Counters of a worker that
 died are kept (``retired``) so totals never go backwards. ``listener.<addr>.worker_<i>.*``
 come from worker i. ``server.*`` is the main process's own, except ``total_connections``
 and the memory gauges, which add up all processes.
+
+Circuit breakers count for the whole process, as Envoy's ResourceManager is shared by its
+worker threads: the pool creates one shared-memory table (pyenvoy.upstream.shared_counts)
+whose fd goes to every worker in the ``init`` frame after the listening sockets; a worker
+zeroes its own counters in it and installs it before it builds any cluster, so its
+ResourceManagers check the sum over all workers. The main process computes the
+``circuit_breakers.*`` gauges from the table at ``/stats`` time (``publish_shared_gauges``,
+with its own clusters' limits); a cluster that found no room in the table keeps per-worker
+limits and the workers' maximum, as before. The table is created once per pyenvoy process
+(a hot-restarted one has its own); a dead worker's counters are zeroed when its exit is
+seen, before it is restarted.
 
 A worker that exits unexpectedly is restarted (same index, same sockets); more than
 ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW_S`` stop the whole process with status 1.
@@ -105,6 +116,12 @@ from pyenvoy.hot_restart import (
     send_frame,
 )
 from pyenvoy.stats import Histogram
+from pyenvoy.upstream import shared_counts
+from pyenvoy.upstream.circuit_breaker import (
+    ResourceManagers,
+    publish_shared_gauges,
+    resource_managers,
+)
 from pyenvoy.upstream.cluster_manager import DNS_HOSTS_OP, DnsPublisher, RemoteDns
 from pyenvoy.upstream.health_check import (
     HOST_HEALTH_OP,
@@ -125,6 +142,7 @@ if TYPE_CHECKING:
     from pyenvoy.hot_restart import ParentStats
     from pyenvoy.options import ServerOptions
     from pyenvoy.server import Server
+    from pyenvoy.upstream.shared_counts import SharedCounts, SharedEntry
 
 __all__ = ["WorkerPool", "bind_listen_sockets", "worker_main", "reuse_port", "SocketMap"]
 
@@ -168,6 +186,8 @@ _SUMMED_SERVER_GAUGES = (
 
 
 def _max_gauge(name: str) -> bool:
+    # circuit_breakers.*: overwritten from the shared table (_publish_circuit_breakers);
+    # the maximum stays for a cluster the full table left counting per worker.
     return name.rpartition(".")[2] in _SAME_IN_EVERY_WORKER or ".circuit_breakers." in name
 
 
@@ -478,6 +498,13 @@ class WorkerPool:
         self.xds_files: FilePublisher | None = None
         if server.xds.record:
             self.xds_files = FilePublisher(server.xds, self._send_ready)
+        # Circuit-breaker counts of the whole process (pyenvoy.upstream.shared_counts).
+        self.shared_counts: SharedCounts | None = None
+        self._cb_entries: dict[bytes, SharedEntry] = {}
+        try:
+            self.shared_counts = shared_counts.SharedCounts.create(self.count)
+        except OSError as e:
+            log.warning("circuit breakers: no shared table (%s); each worker counts alone", e)
 
     def _watch_lds_files(self) -> None:
         """The workers run the LDS listeners; this process reads the LDS file for them and
@@ -532,6 +559,8 @@ class WorkerPool:
             (socks[index] if index < len(socks) else socks[0]).fileno()
             for socks in self.sockets.values()
         ]
+        if self.shared_counts is not None:  # after the sockets
+            fds.append(self.shared_counts.fileno())
         ours.settimeout(STATS_TIMEOUT_S * 5)
         xds_files: list[dict[str, Any]] = []
         generation: dict[str, int] = {}
@@ -549,6 +578,7 @@ class WorkerPool:
                     "host_health": self.health.snapshot() if self.health is not None else None,
                     "dns_hosts": self.dns.snapshot() if self.dns is not None else None,
                     "xds_files": xds_files,
+                    "shared_counts": self.shared_counts is not None,
                 },
                 fds,
             )
@@ -609,6 +639,8 @@ class WorkerPool:
                     continue
                 self._retire(w)
                 self.workers[i] = None
+                if self.shared_counts is not None:  # its requests and connections are gone
+                    self.shared_counts.zero_worker(i)
                 if self.draining:
                     continue
                 # A SIGTERM to the whole process group reaches the workers and us at once:
@@ -746,6 +778,10 @@ class WorkerPool:
             if w is not None:
                 w.close()
         self.close_sockets()
+        if self.shared_counts is not None:
+            self._cb_entries.clear()
+            self.shared_counts.close()
+            self.shared_counts = None
 
     def close_sockets(self, keep: set[int] | None = None) -> None:
         """Close our copies of the listening sockets (except those in ``keep``, by fd)."""
@@ -784,6 +820,40 @@ class WorkerPool:
             if reply is not None:
                 w.snapshot = reply
         self._aggregate()
+        self._publish_circuit_breakers()
+
+    def _publish_circuit_breakers(self) -> None:
+        """``circuit_breakers.*`` gauges from the shared table: exact process-wide counts
+        (a cluster without an entry, the table being full, keeps the workers' maximum)."""
+        table = self.shared_counts
+        cm = self.server.cluster_manager
+        if table is None or cm is None:
+            return
+        from pyenvoy.runtime import for_server
+
+        runtime = for_server(self.server)
+        entries = self._cb_entries
+        for cluster in cm.clusters.values():
+            info = cluster.info
+            key = shared_counts.key_for(info.proto_hash)
+            entry = entries.get(key)
+            if entry is None:
+                entry = table.find(key)
+                if entry is None:
+                    continue
+                entries[key] = entry
+            rms: ResourceManagers = resource_managers(info, runtime)
+            publish_shared_gauges(rms, entry, self._workers_min_gauge)
+
+    def _workers_min_gauge(self, name: str) -> int | None:
+        """The lowest value of gauge ``name`` over the workers' last snapshots (a gauge a
+        worker left out is 0 there); None without any snapshot."""
+        values = [
+            w.snapshot.get("g", {}).get(name, 0)
+            for w in self.workers
+            if w is not None and w.snapshot
+        ]
+        return min(values) if values else None
 
     def _forward_counter_reset(self) -> None:
         """Admin /reset_counters zeroed the main store: zero the workers' counters too."""
@@ -1157,6 +1227,13 @@ def worker_main(argv: list[str]) -> int:
         log_format_escaped=options.log_format_escaped,
     )
     bootstrap = Bootstrap.FromString(base64.b64decode(msg["bootstrap"]))
+    if msg.get("shared_counts") and fds:
+        # Circuit breakers count process-wide: our column of the main process's table,
+        # zeroed before any cluster is built (a restarted worker starts from nothing).
+        index = int(msg["index"])
+        table = shared_counts.SharedCounts.attach(fds.pop(), index)
+        table.zero_worker(index)
+        shared_counts.install(table)
     sockets: dict[tuple[str, int], socket.socket] = {}
     for (host, port), fd in zip(msg["sockets"], fds, strict=True):
         s = socket.socket(fileno=fd)

@@ -30,25 +30,44 @@ The cluster manager declares the gauges when it builds a ClusterInfo
 (``declare_circuit_breaker_stats``), so they show from startup. The pool and router find
 the managers with ``resource_managers(info)``: built on first use and cached on the
 ClusterInfo, bound to those same gauges.
+
+Worker processes (``--concurrency N``): Envoy's limits are per cluster for the whole
+process, shared by its worker threads. A worker has a shared table installed
+(pyenvoy.upstream.shared_counts) and builds ``SharedResource``s: ``current`` stays the
+local count the hot path changes, every change also goes to the worker's own counter in
+the cluster's table entry, and ``can_create`` compares the sum over all workers with the
+limit (``fast_limit`` 0; the pool inlines ``acquire``/``released`` for max_requests). The
+workers leave the ``*_open``/``remaining_*`` gauges alone; the main process computes them
+from the table when ``/stats`` is read (``publish_shared_gauges``). Without a table
+(``--concurrency 1``, embedding) nothing of this runs: plain ``Resource``s as above.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from pyenvoy.upstream import shared_counts
 
 if TYPE_CHECKING:
     from pyenvoy.runtime import Runtime
     from pyenvoy.stats import Gauge, Scope
+    from pyenvoy.upstream.shared_counts import SharedEntry
+
+log = logging.getLogger("pyenvoy.upstream")
 
 __all__ = [
     "declare_circuit_breaker_stats",
     "thresholds_by_priority",
     "configured_limits",
     "Resource",
+    "SharedResource",
     "RetryBudget",
     "ResourceManager",
     "ResourceManagers",
     "resource_managers",
+    "publish_shared_gauges",
     "DEFAULT_PRIORITY",
     "HIGH_PRIORITY",
     "UNLIMITED",
@@ -129,6 +148,8 @@ class Resource:
         "remaining",
         "runtime",
         "key",
+        "view",
+        "me",
     )
 
     def __init__(
@@ -152,6 +173,13 @@ class Resource:
         # Hot-path shortcut: while ``current + 1 < fast_limit`` taking one is a plain
         # increment (no gauge can change); 0 sends every change through acquire/released.
         self.fast_limit = self.limit if self.runtime is None and remaining is None else 0
+        # Shared mode (SharedResource, RetryBudget): this worker's counters in the table.
+        self.view: Any = None  # a memoryview of int64 counters, or None
+        self.me = 0
+
+    def count(self) -> int:
+        """How many are taken: here ``current``; the process-wide sum in shared mode."""
+        return self.current
 
     def max(self) -> int:
         rt = self.runtime
@@ -196,12 +224,70 @@ class Resource:
         return f"Resource({self.current}/{self.max()})"
 
 
+class SharedResource(Resource):
+    """A Resource whose count is the whole process's (worker processes sharing a table,
+    pyenvoy.upstream.shared_counts): ``current`` stays this incarnation's own count (the
+    pool and router change it directly), every change is also added to this worker's
+    counter ``view[me]``, and ``can_create`` compares the sum of all workers' counters
+    with the limit. ``fast_limit`` is 0, so the pool's hot path always takes its
+    ``acquire``/``released`` branch, where it inlines both for max_requests (no call per
+    request). The ``*_open`` / ``remaining_*`` gauges are left alone here: the main
+    process computes them from the table when ``/stats`` is read
+    (``publish_shared_gauges``)."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        limit: int,
+        open_gauge: Gauge,
+        remaining: Gauge | None,
+        runtime: Runtime | None,
+        key: str,
+        view: memoryview,
+        me: int,
+    ) -> None:
+        super().__init__(limit, open_gauge, remaining, runtime, key)
+        self.view = view
+        self.me = me
+        self.fast_limit = 0
+
+    def count(self) -> int:
+        return sum(self.view)
+
+    def can_create(self) -> bool:
+        limit = self.limit if self.runtime is None else self.max()
+        return sum(self.view) < limit
+
+    def acquire(self) -> bool:
+        view = self.view
+        if sum(view) >= (self.limit if self.runtime is None else self.max()):
+            return False
+        self.current += 1
+        view[self.me] += 1
+        return True
+
+    def inc(self) -> None:
+        self.current += 1
+        self.view[self.me] += 1
+
+    def dec(self) -> None:
+        self.current -= 1
+        self.view[self.me] -= 1
+
+    def released(self) -> None:
+        """After the caller decremented ``current``: this worker's counter follows."""
+        self.view[self.me] -= 1
+
+
 class RetryBudget(Resource):
     """Retries limited by a budget of the active and pending requests (retry_budget).
 
     As Envoy's RetryBudgetImpl: the count lives in the plain ``max_retries`` resource
     underneath (so ``rq_retry_open`` still says ``current >= max_retries``), while
-    ``can_create`` checks the budget and every use zeroes ``remaining_retries``."""
+    ``can_create`` checks the budget and every use zeroes ``remaining_retries``. With a
+    shared table (``view``) the retries, active and pending requests it compares are the
+    whole process's."""
 
     __slots__ = ("budget_percent", "min_concurrency", "requests", "pending")
 
@@ -217,9 +303,13 @@ class RetryBudget(Resource):
         runtime: Runtime | None,
         key_prefix: str,
         max_retries_key: str = "",
+        view: memoryview | None = None,
+        me: int = 0,
     ) -> None:
         super().__init__(max_retries, open_gauge, remaining, runtime, max_retries_key)
         self.fast_limit = 0
+        self.view = view
+        self.me = me
         self.budget_percent = budget_percent
         self.min_concurrency = min_concurrency
         self.requests = requests
@@ -230,25 +320,36 @@ class RetryBudget(Resource):
                 key_prefix + "min_retry_concurrency", min_concurrency
             )
 
+    def count(self) -> int:
+        view = self.view
+        return self.current if view is None else sum(view)
+
     def max_retries(self) -> int:
         rt = self.runtime
         return self.limit if rt is None else rt.get_integer(self.key, self.configured)
 
     def max(self) -> int:
-        active = self.requests.current + self.pending.current
+        active = self.requests.count() + self.pending.count()
         return max(int(self.budget_percent / 100.0 * active), self.min_concurrency)
 
     def can_create(self) -> bool:
         if self.remaining is not None:
             self.remaining.value = 0
-        return self.current < self.max()
+        return self.count() < self.max()
 
     def inc(self) -> None:
         self.current += 1
-        self.released()
+        if self.view is not None:
+            self.view[self.me] += 1
+        self._update_gauges()
 
     def released(self) -> None:
-        self.open_gauge.value = 0 if self.current < self.max_retries() else 1
+        if self.view is not None:
+            self.view[self.me] -= 1
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.open_gauge.value = 0 if self.count() < self.max_retries() else 1
         if self.remaining is not None:
             self.remaining.value = 0
 
@@ -274,6 +375,7 @@ class ResourceManager:
         runtime: Runtime | None,
         runtime_prefix: str,
         per_host_max_connections: int | None = None,
+        shared: SharedEntry | None = None,
     ) -> None:
         self.priority = priority
         limits = configured_limits(thresholds)
@@ -285,37 +387,31 @@ class ResourceManager:
                 budget = thresholds.retry_budget
         cb = scope
         gauges = {g: cb.gauge(g) for g in _OPEN_GAUGES}
+        me = shared.index if shared is not None and shared.index is not None else None
 
         def remaining(name: str) -> Gauge | None:
             return cb.gauge(name) if track else None
 
-        self.connections = Resource(
-            limits["max_connections"],
-            gauges["cx_open"],
-            remaining("remaining_cx"),
-            runtime,
-            runtime_prefix + "max_connections",
+        def resource(field: str, gauge: str, remaining_name: str) -> Resource:
+            args = (
+                limits[field],
+                gauges[gauge],
+                remaining(remaining_name),
+                runtime,
+                runtime_prefix + field,
+            )
+            if shared is None or me is None:
+                return Resource(*args)
+            view = shared.counters(priority, shared_counts.RESOURCES.index(_RESOURCE_OF[field]))
+            return SharedResource(*args, view, me)
+
+        self.connections = resource("max_connections", "cx_open", "remaining_cx")
+        self.pending_requests = resource(
+            "max_pending_requests", "rq_pending_open", "remaining_pending"
         )
-        self.pending_requests = Resource(
-            limits["max_pending_requests"],
-            gauges["rq_pending_open"],
-            remaining("remaining_pending"),
-            runtime,
-            runtime_prefix + "max_pending_requests",
-        )
-        self.requests = Resource(
-            limits["max_requests"],
-            gauges["rq_open"],
-            remaining("remaining_rq"),
-            runtime,
-            runtime_prefix + "max_requests",
-        )
-        self.connection_pools = Resource(
-            limits["max_connection_pools"],
-            gauges["cx_pool_open"],
-            remaining("remaining_cx_pools"),
-            runtime,
-            runtime_prefix + "max_connection_pools",
+        self.requests = resource("max_requests", "rq_open", "remaining_rq")
+        self.connection_pools = resource(
+            "max_connection_pools", "cx_pool_open", "remaining_cx_pools"
         )
         if budget is not None:
             self.retries: Resource = RetryBudget(
@@ -331,16 +427,24 @@ class ResourceManager:
                 runtime,
                 runtime_prefix + "retry_budget.",
                 runtime_prefix + "max_retries",
+                None
+                if shared is None or me is None
+                else shared.counters(priority, shared_counts.RESOURCES.index("retries")),
+                me or 0,
             )
         else:
-            self.retries = Resource(
-                limits["max_retries"],
-                gauges["rq_retry_open"],
-                remaining("remaining_retries"),
-                runtime,
-                runtime_prefix + "max_retries",
-            )
+            self.retries = resource("max_retries", "rq_retry_open", "remaining_retries")
         self.max_connections_per_host = per_host_max_connections
+
+    def resources(self) -> tuple[Resource, ...]:
+        """In the shared table's order (shared_counts.RESOURCES)."""
+        return (
+            self.connections,
+            self.pending_requests,
+            self.requests,
+            self.retries,
+            self.connection_pools,
+        )
 
     def can_create_connection(self, host: Any) -> bool:
         """Envoy's Host::canCreateConnection: the per-host, then the cluster limit."""
@@ -350,14 +454,31 @@ class ResourceManager:
         return self.connections.can_create()
 
 
+# threshold field -> its resource in the shared table
+_RESOURCE_OF = {
+    "max_connections": "connections",
+    "max_pending_requests": "pending_requests",
+    "max_requests": "requests",
+    "max_retries": "retries",
+    "max_connection_pools": "connection_pools",
+}
+
+
 class ResourceManagers:
     """Both priorities of one cluster, plus the cluster-level overflow counter Envoy has
-    and pyenvoy's ClusterStats may not declare (``upstream_rq_active_overflow``)."""
+    and pyenvoy's ClusterStats may not declare (``upstream_rq_active_overflow``).
+    ``shared``: the cluster's entry in this worker's shared table (process-wide counts)."""
 
-    __slots__ = ("default", "high", "by_priority", "upstream_rq_active_overflow")
+    __slots__ = ("default", "high", "by_priority", "upstream_rq_active_overflow", "shared")
 
     def __init__(
-        self, proto: Any, name: str, cluster_scope: Scope, runtime: Runtime | None = None
+        self,
+        proto: Any,
+        name: str,
+        cluster_scope: Scope,
+        runtime: Runtime | None = None,
+        *,
+        shared: SharedEntry | None = None,
     ) -> None:
         by_prio = thresholds_by_priority(proto)
         per_host: dict[int, int] = {}
@@ -379,24 +500,80 @@ class ResourceManagers:
                     runtime,
                     f"circuit_breakers.{name}.{pname}.",
                     per_host.get(prio),
+                    shared,
                 )
             )
         self.default = managers[0]
         self.high = managers[1]
         self.by_priority = (managers[0], managers[1])
         self.upstream_rq_active_overflow = cluster_scope.counter("upstream_rq_active_overflow")
+        self.shared = shared
 
     def for_priority(self, priority: int) -> ResourceManager:
         return self.high if priority == HIGH_PRIORITY else self.default
 
 
+def _table_key(info: Any) -> bytes:
+    config = getattr(info, "proto_hash", None)
+    if not isinstance(config, bytes):
+        config = str(info.name).encode()
+    return shared_counts.key_for(config)
+
+
 def resource_managers(info: Any, runtime: Runtime | None = None) -> ResourceManagers:
-    """The ResourceManagers of a ClusterInfo (built on first use and cached on it)."""
+    """The ResourceManagers of a ClusterInfo (built on first use and cached on it). In a
+    worker with a shared table they count in the cluster's entry there (per worker if the
+    table is full)."""
     rms = getattr(info, "resource_managers", None)
     if rms is None:
-        rms = ResourceManagers(getattr(info, "proto", None), info.name, info.stats.scope, runtime)
+        shared = None
+        table = shared_counts.installed()
+        if table is not None:
+            shared = table.entry(_table_key(info))
+            if shared is None:
+                log.warning(
+                    "circuit breakers: the shared table is full (%d cluster configs); "
+                    "cluster '%s' counts its limits in each worker separately",
+                    table.capacity,
+                    info.name,
+                )
+        rms = ResourceManagers(
+            getattr(info, "proto", None), info.name, info.stats.scope, runtime, shared=shared
+        )
         try:
             info.resource_managers = rms
         except AttributeError:  # a slotted stand-in: no caching
             pass
     return rms
+
+
+def publish_shared_gauges(
+    rms: ResourceManagers,
+    entry: SharedEntry,
+    workers_min: Callable[[str], int | None] | None = None,
+) -> None:
+    """In the main process: set a cluster's ``*_open`` and ``remaining_*`` gauges (those
+    its own ``rms`` are bound to) from the process-wide counts in ``entry``, as Envoy's one
+    ResourceManager has them: open while ``count >= limit``, remaining ``limit - count``.
+    A retry budget's ``remaining_retries`` is zeroed by any worker's use: ``workers_min``
+    gives the workers' lowest value of a gauge (None: no worker reported it)."""
+    for prio, rm in enumerate(rms.by_priority):
+        for i, res in enumerate(rm.resources()):
+            total = entry.total(prio, i)
+            if isinstance(res, RetryBudget):
+                res.open_gauge.value = 0 if total < res.max_retries() else 1
+                r = res.remaining
+                if r is not None and workers_min is not None:
+                    low = workers_min(r.name)
+                    if low is not None:
+                        r.value = low
+                continue
+            limit = res.max()
+            res.open_gauge.value = 0 if total < limit else 1
+            r = res.remaining
+            if r is not None:
+                r.value = limit - total if limit > total else 0
+            if total:
+                res.open_gauge.used = True
+                if r is not None:
+                    r.used = True

@@ -411,7 +411,11 @@ class ActiveClient(asyncio.Protocol):
             c = res.current
             res.current = c - 1
             if c >= res.fast_limit:
-                res.released()
+                view = res.view
+                if view is not None:  # SharedResource.released(), inlined
+                    view[res.me] -= 1
+                else:
+                    res.released()
 
     def _release(self) -> None:
         if self.stream is None or not self.response_complete:
@@ -432,7 +436,11 @@ class ActiveClient(asyncio.Protocol):
             c = res.current
             res.current = c - 1
             if c >= res.fast_limit:
-                res.released()
+                view = res.view
+                if view is not None:  # SharedResource.released(), inlined
+                    view[res.me] -= 1
+                else:
+                    res.released()
         if self.read_disabled:
             self.read_disable(False)
         max_rq = pool.max_requests_per_connection
@@ -567,12 +575,20 @@ class Http1ConnPool:
 
     def _attach(self, client: ActiveClient, stream: Any, rm: ResourceManager) -> bool:
         res = rm.requests
-        # max_requests: a plain increment while far from the limit (Resource.fast_limit).
+        # max_requests: a plain increment while far from the limit (Resource.fast_limit);
+        # with worker processes, the process-wide count (SharedResource, fast_limit 0).
         c = res.current + 1
         if c < res.fast_limit:
             res.current = c
-        elif not res.acquire():
-            return False
+        else:
+            view = res.view
+            if view is not None and res.runtime is None:  # SharedResource.acquire(), inlined
+                if sum(view) >= res.limit:
+                    return False
+                res.current = c
+                view[res.me] += 1
+            elif not res.acquire():
+                return False
         client.stream = stream
         client.response_complete = False
         client.request_complete = False
