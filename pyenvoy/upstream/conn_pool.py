@@ -318,15 +318,8 @@ class ActiveClient(asyncio.Protocol):
         self.stats.upstream_cx_tx_bytes_total.value += len(data)
         t = self.transport
         if t is not None:
-            # Queued for the end of this loop pass (write_batch), as Connection.write does.
-            out = self._out
-            if out is not None:
-                out.append(data)
-            elif self._batch is None:
-                t.write(data)
-            else:
-                self._out = [data]
-                self._batch.add(self)
+            # Queued for the end of this loop pass, as Connection.write does.
+            write_batch.send(self, t, data)
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
         t = self.transport
@@ -334,16 +327,7 @@ class ActiveClient(asyncio.Protocol):
             return
         if data:
             self.stats.upstream_cx_tx_bytes_total.value += len(data)
-            out = self._out
-            if out is not None:
-                out.append(data)
-            elif self._batch is None:
-                t.write(data)
-            else:
-                self._out = [data]
-                self._batch.add(self)
-            if len(data) >= write_batch.FLUSH_NOW_BYTES:
-                self.flush_writes()
+            write_batch.send(self, t, data)
         if end_stream:
             self.request_complete = True
             if self.response_complete:
@@ -369,16 +353,6 @@ class ActiveClient(asyncio.Protocol):
             self.reset_with_active = True
         self.close(abort=True)
 
-    def flush_writes(self) -> None:
-        """Hand what this pass wrote to the transport now (one write)."""
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        t = self.transport
-        if t is not None:
-            t.write(out[0] if len(out) == 1 else b"".join(out))
-
     def close(self, abort: bool = False) -> None:
         t = self.transport
         if t is None or self.local_close:
@@ -388,7 +362,7 @@ class ActiveClient(asyncio.Protocol):
             self._out = None
             t.abort()
         else:
-            self.flush_writes()
+            write_batch.flush(self)
             t.close()
 
     @property
