@@ -17,6 +17,7 @@ zeroed alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -156,6 +157,32 @@ def pin(proxy: Any, per_worker: int, tries: int = 60) -> Pinned:
     raise AssertionError(f"could not get {per_worker} connections on each worker")
 
 
+@contextlib.contextmanager
+def running_upstream() -> Iterator[HttpUpstream]:
+    up = HttpUpstream()
+    up.start()
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@contextlib.contextmanager
+def pinned_proxy(
+    kind: str, upstream_port: int, thresholds: str, per_worker: int, connect_timeout: str = "1s"
+) -> Iterator[tuple[Any, Pinned]]:
+    """A started proxy (``--concurrency 2``) and ``per_worker`` client connections pinned
+    to each of its workers; both closed on exit."""
+    proxy = start(kind, upstream_port, thresholds, connect_timeout)
+    pinned = Pinned()
+    try:
+        pinned = pin(proxy, per_worker)
+        yield proxy, pinned
+    finally:
+        pinned.close()
+        proxy.stop()
+
+
 def send(s: socket.socket, path: str) -> None:
     s.sendall(f"GET {path} HTTP/1.1\r\nhost: cb\r\n\r\n".encode())
 
@@ -228,24 +255,21 @@ def status_kinds(responses: list[Any]) -> list[str]:
 
 @pytest.fixture()
 def upstream() -> Iterator[HttpUpstream]:
-    up = HttpUpstream()
-    up.start()
-    try:
+    with running_upstream() as up:
         yield up
-    finally:
-        up.stop()
 
 
 # --------------------------------------------------------------------------- max_requests
 
 
 def run_max_requests(kind: str) -> dict[str, Any]:
-    up = HttpUpstream()
-    up.start()
-    proxy = start(kind, up.port, "{max_requests: 2, track_remaining: true}")
-    pinned = Pinned()
-    try:
-        pinned = pin(proxy, 3)
+    with (
+        running_upstream() as up,
+        pinned_proxy(kind, up.port, "{max_requests: 2, track_remaining: true}", 3) as (
+            proxy,
+            pinned,
+        ),
+    ):
         conns = [*pinned.by_worker[0], *pinned.by_worker[1]]
         col = Collector()
         for i, s in enumerate(conns):
@@ -279,10 +303,6 @@ def run_max_requests(kind: str) -> dict[str, Any]:
                 )
             },
         }
-    finally:
-        pinned.close()
-        proxy.stop()
-        up.stop()
 
 
 def test_max_requests_is_process_wide_as_in_envoy() -> None:
@@ -299,12 +319,13 @@ def run_max_connections(kind: str) -> dict[str, Any]:
     """max_connections: 2. A request on worker 0, one on worker 1 (2 connections, the
     process is at its limit), then a second one on worker 0: it may not open a third
     connection (upstream_cx_overflow), waits for worker 0's and is served after it."""
-    up = HttpUpstream()
-    up.start()
-    proxy = start(kind, up.port, "{max_connections: 2, track_remaining: true}")
-    pinned = Pinned()
-    try:
-        pinned = pin(proxy, 2)
+    with (
+        running_upstream() as up,
+        pinned_proxy(kind, up.port, "{max_connections: 2, track_remaining: true}", 2) as (
+            proxy,
+            pinned,
+        ),
+    ):
         (a0, a1), (b0, _) = pinned.by_worker[0], pinned.by_worker[1]
         col = Collector()
         for n, s in enumerate((a0, b0)):
@@ -332,10 +353,6 @@ def run_max_connections(kind: str) -> dict[str, Any]:
                 for k in ("upstream_cx_total", "upstream_cx_overflow", "upstream_rq_total")
             },
         }
-    finally:
-        pinned.close()
-        proxy.stop()
-        up.stop()
 
 
 def test_max_connections_is_process_wide_as_in_envoy() -> None:
@@ -371,50 +388,47 @@ def run_max_pending(kind: str) -> dict[str, Any]:
     request on worker 0 and one on worker 1 wait (the process's 2), a second one on
     worker 0 overflows at once; the waiting ones fail at the connect timeout."""
     lsock, fillers = blackhole()
-    proxy = start(
-        kind,
-        lsock.getsockname()[1],
-        "{max_pending_requests: 2, track_remaining: true}",
-        connect_timeout="2s",
-    )
-    pinned = Pinned()
     try:
-        pinned = pin(proxy, 2)
-        (a0, a1), (b0, _) = pinned.by_worker[0], pinned.by_worker[1]
-        col = Collector()
-        for n, s in enumerate((a0, b0)):
-            send(s, "/")
-            col.expect(n, s)
-            assert wait_until(
-                lambda n=n: proxy.stats()["cluster.cb.upstream_rq_pending_active"] == n + 1
-            )
-        send(a1, "/")
-        third = read_response(a1, 1.5)
-        s = proxy.stats()
-        in_flight = {
-            "third": status_kinds([third]),
-            "rq_pending_open": s[CB + "rq_pending_open"],
-            "remaining_pending": s[CB + "remaining_pending"],
-            "upstream_rq_pending_overflow": s["cluster.cb.upstream_rq_pending_overflow"],
-        }
-        results = col.join()
-        s = proxy.stats()
-        return {
-            "statuses": status_kinds([results.get(i) for i in range(2)]),
-            "in_flight": in_flight,
-            "after": {
-                k: s.get("cluster.cb." + k)
-                for k in (
-                    "upstream_rq_pending_overflow",
-                    "upstream_cx_connect_timeout",
-                    "circuit_breakers.default.rq_pending_open",
-                    "circuit_breakers.default.remaining_pending",
+        with pinned_proxy(
+            kind,
+            lsock.getsockname()[1],
+            "{max_pending_requests: 2, track_remaining: true}",
+            2,
+            connect_timeout="2s",
+        ) as (proxy, pinned):
+            (a0, a1), (b0, _) = pinned.by_worker[0], pinned.by_worker[1]
+            col = Collector()
+            for n, s in enumerate((a0, b0)):
+                send(s, "/")
+                col.expect(n, s)
+                assert wait_until(
+                    lambda n=n: proxy.stats()["cluster.cb.upstream_rq_pending_active"] == n + 1
                 )
-            },
-        }
+            send(a1, "/")
+            third = read_response(a1, 1.5)
+            s = proxy.stats()
+            in_flight = {
+                "third": status_kinds([third]),
+                "rq_pending_open": s[CB + "rq_pending_open"],
+                "remaining_pending": s[CB + "remaining_pending"],
+                "upstream_rq_pending_overflow": s["cluster.cb.upstream_rq_pending_overflow"],
+            }
+            results = col.join()
+            s = proxy.stats()
+            return {
+                "statuses": status_kinds([results.get(i) for i in range(2)]),
+                "in_flight": in_flight,
+                "after": {
+                    k: s.get("cluster.cb." + k)
+                    for k in (
+                        "upstream_rq_pending_overflow",
+                        "upstream_cx_connect_timeout",
+                        "circuit_breakers.default.rq_pending_open",
+                        "circuit_breakers.default.remaining_pending",
+                    )
+                },
+            }
     finally:
-        pinned.close()
-        proxy.stop()
         for f in fillers:
             f.close()
         lsock.close()
@@ -440,10 +454,10 @@ def test_killed_worker_leaves_no_counts_behind(upstream: HttpUpstream) -> None:
     """max_requests: 2, one request in flight in each worker; one worker is killed (-9).
     Its count must go (the main process zeroes its counters, the new worker starts from
     zero): the survivor can take exactly one more request, a second one overflows."""
-    proxy = start("pyenvoy", upstream.port, "{max_requests: 2, track_remaining: true}")
-    pinned = Pinned()
-    try:
-        pinned = pin(proxy, 3)
+    with pinned_proxy("pyenvoy", upstream.port, "{max_requests: 2, track_remaining: true}", 3) as (
+        proxy,
+        pinned,
+    ):
         col = Collector()
         heads = {w: pinned.by_worker[w][0] for w in (0, 1)}
         for w, s in heads.items():
@@ -477,9 +491,6 @@ def test_killed_worker_leaves_no_counts_behind(upstream: HttpUpstream) -> None:
         assert s[CB + "rq_open"] == 0
         assert s["cluster.cb.upstream_rq_active_overflow"] == 1
         assert "exited with status -9; restarting it" in proxy.output()
-    finally:
-        pinned.close()
-        proxy.stop()
 
 
 # ------------------------------------------------------------------------ the table itself
