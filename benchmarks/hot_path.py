@@ -20,99 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CONFIG = """
-static_resources:
-  listeners:
-  - name: l
-    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress_http
-          route_config:
-            virtual_hosts:
-            - name: b
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                route: { cluster: backend }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-  clusters:
-  - name: backend
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: backend
-      endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 9 } } } }] }]
-"""
-
 REQUEST = b"GET /hello HTTP/1.1\r\nHost: localhost:10000\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\ncontent-type: text/plain\r\n\r\nhello world\n"
 
 
-class FakeTransport:
-    """Just enough of an asyncio transport for the hot path."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        if name == "peername":
-            return ("127.0.0.1", 40000)
-        if name == "sockname":
-            return ("127.0.0.1", 10000)
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
 async def run(n: int, profile: bool) -> float:
-    from pyenvoy.config import load_bootstrap
-    from pyenvoy.network.connection import Connection
-    from pyenvoy.server import Server
-    from pyenvoy.upstream.conn_pool import ActiveClient
+    from pyenvoy.testing import InMemoryProxy
 
-    server = Server(load_bootstrap(yaml_text=CONFIG))
-    listener = server.listener_manager.listeners[0]  # type: ignore[union-attr]
-    conn = Connection(listener.filter_factories, listener, listener.buffer_limit)
-    down = FakeTransport()
-    conn.connection_made(down)  # type: ignore[arg-type]
-    cluster = server.cluster_manager.get("backend")  # type: ignore[union-attr]
-    host = cluster.hosts[0]
-    pool = server.cluster_manager.http_conn_pool(host)  # type: ignore[union-attr]
-    # One established upstream connection, idle in the pool.
-    client = ActiveClient(pool)
-    up = FakeTransport()
-    client.connection_made(up)  # type: ignore[arg-type]
-    client.connected = True
-    pool.clients.add(client)
-    pool.on_client_idle(client)
+    # One downstream connection and one established upstream connection, idle in the pool.
+    proxy = InMemoryProxy()
+    conn, client, down, up = proxy.conn, proxy.client, proxy.down, proxy.up
 
     batch = conn._batch  # the loop's WriteBatch: one run() per loop pass, as in a server
     assert batch is not None
