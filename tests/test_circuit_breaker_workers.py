@@ -41,6 +41,7 @@ from pyenvoy.upstream.circuit_breaker import (
     resource_managers,
 )
 from pyenvoy.upstream.shared_counts import SharedCounts, key_for
+from tests.support.configs import http_listener
 from tests.support.procs import (
     EnvoyProcess,
     ProxyProcess,
@@ -51,29 +52,9 @@ from tests.support.upstream import HttpUpstream
 
 _base_ids = itertools.count((os.getpid() % 3000) * 10 + 70000)
 
-CONFIG = """
-admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: {admin_port}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {socket_address: {address: 127.0.0.1, port_value: {listener_port}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{match: {prefix: "/"}, route: {cluster: cb, timeout: 10s}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
+CONFIG = (
+    http_listener('{{match: {{prefix: "/"}}, route: {{cluster: cb, timeout: 10s}}}}')
+    + """\
   - name: cb
     connect_timeout: {connect_timeout}
     circuit_breakers:
@@ -83,8 +64,9 @@ static_resources:
       endpoints:
       - lb_endpoints:
         - endpoint:
-            address: {socket_address: {address: 127.0.0.1, port_value: {upstream_port}}}
+            address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
 """
+)
 
 CB = "cluster.cb.circuit_breakers.default."
 OVERFLOW_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
@@ -108,13 +90,15 @@ KINDS: dict[str, type[ProxyProcess]] = {"envoy": Envoy2, "pyenvoy": PyEnvoy2}
 
 
 def start(kind: str, upstream_port: int, thresholds: str, connect_timeout: str = "1s") -> Any:
-    p = KINDS[kind](
-        CONFIG,
-        ready_timeout=20.0,
+    text = CONFIG.format(
+        # left as placeholders: ProxyProcess picks free ports for them
+        admin_port="{admin_port}",
+        listener_port="{listener_port}",
         upstream_port=upstream_port,
         thresholds=thresholds,
         connect_timeout=connect_timeout,
     )
+    p = KINDS[kind](text, ready_timeout=20.0)
     p.start()
     return p
 

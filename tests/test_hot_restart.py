@@ -34,35 +34,16 @@ from pyenvoy.config.loader import load_bootstrap
 from pyenvoy.hot_restart import drain_listeners
 from pyenvoy.options import ServerOptions
 from pyenvoy.server import Server
+from tests.support.configs import http_listener
 from tests.support.procs import free_port, read_stats
 from tests.support.upstream import HttpUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 _base_ids = itertools.count((os.getpid() % 4000) * 10 + 20000)
 
-CONFIG = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
+CONFIG = (
+    http_listener('{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}')
+    + """\
   - name: backend
     connect_timeout: 1s
     load_assignment:
@@ -72,6 +53,7 @@ static_resources:
         - endpoint:
             address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}
 """
+)
 
 
 class PyEnvoy:

@@ -36,6 +36,7 @@ from pyenvoy.upstream.outlier_detection import (
     RemoteOutlier,
     apply_outlier_events,
 )
+from tests.support.configs import http_listener
 from tests.support.procs import free_port, read_stats
 from tests.support.upstream import HttpUpstream
 from tests.test_hot_restart import PyEnvoy, wait_stat
@@ -51,31 +52,12 @@ from tests.test_workers import (
     wait_live,
 )
 
-CONFIG = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - {{match: {{prefix: "/probe"}}, route: {{cluster: probe}}}}
-              - {{match: {{prefix: "/"}}, route: {{cluster: backend}}}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
+CONFIG = (
+    http_listener(
+        '{{match: {{prefix: "/probe"}}, route: {{cluster: probe}}}}',
+        '{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}',
+    )
+    + """\
   - name: backend
     connect_timeout: 1s
     outlier_detection:
@@ -97,6 +79,7 @@ static_resources:
       - lb_endpoints:
         - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {a}}}}}}}
 """
+)
 
 OD = "cluster.backend.outlier_detection."
 

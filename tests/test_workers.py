@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.configs import http_listener
 from tests.support.procs import free_port, prometheus_samples, read_stats
 from tests.support.upstream import HttpUpstream
 from tests.test_hot_restart import CONFIG, PyEnvoy, hot_restart_under_load, wait_stat
@@ -246,29 +247,9 @@ def test_admin_changes_reach_the_workers(setup: dict[str, Any]) -> None:
 
 # --- active health checking: one checker (the main process), every worker follows it -------
 
-HC_CONFIG = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-static_resources:
-  listeners:
-  - name: http
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listener_port}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: ingress
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes: [{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
+HC_CONFIG = (
+    http_listener('{{match: {{prefix: "/"}}, route: {{cluster: backend}}}}')
+    + """\
   - name: backend
     connect_timeout: 1s
     health_checks:
@@ -284,6 +265,7 @@ static_resources:
       - lb_endpoints:
 {endpoints}
 """
+)
 R503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
 
 
