@@ -495,72 +495,72 @@ def table() -> Iterator[SharedCounts]:
         t.close()
 
 
-def test_two_attachments_agree_on_entries(table: SharedCounts) -> None:
-    w0 = SharedCounts.attach(os.dup(table.fileno()), 0)
-    w1 = SharedCounts.attach(os.dup(table.fileno()), 1)
+@pytest.fixture()
+def workers(table: SharedCounts) -> Iterator[list[SharedCounts]]:
+    """Worker 0's and worker 1's attachments to ``table`` (as a worker process opens it)."""
+    ws = [SharedCounts.attach(os.dup(table.fileno()), i) for i in (0, 1)]
     try:
-        ka, kb = key_for(b"cluster a"), key_for(b"cluster b")
-        e1 = w1.entry(kb)  # built in a different order in each worker
-        e0a, e0b = w0.entry(ka), w0.entry(kb)
-        e1a = w1.entry(ka)
-        assert e0a is not None and e0b is not None and e1 is not None and e1a is not None
-        assert e0b.slot == e1.slot and e0a.slot == e1a.slot != e1.slot
-        main_view = table.find(kb)  # the main process finds it, never allocates
-        assert main_view is not None and main_view.slot == e1.slot
-        assert table.find(key_for(b"never built")) is None
-        # What one worker counts, every process sees; each writes its own counter.
-        e0b.counters(1, 2)[0] += 3
-        e1.counters(1, 2)[1] += 2
-        assert [e.total(1, 2) for e in (e0b, e1, main_view)] == [5, 5, 5]
-        assert e0b.total(0, 2) == 0 and e0a.total(1, 2) == 0
-        with pytest.raises(ValueError):
-            SharedCounts.attach(os.dup(table.fileno()), 2)
+        yield ws
     finally:
-        w0.close()
-        w1.close()
+        for w in ws:
+            w.close()
+
+
+def test_two_attachments_agree_on_entries(table: SharedCounts, workers: list[SharedCounts]) -> None:
+    w0, w1 = workers
+    ka, kb = key_for(b"cluster a"), key_for(b"cluster b")
+    e1 = w1.entry(kb)  # built in a different order in each worker
+    e0a, e0b = w0.entry(ka), w0.entry(kb)
+    e1a = w1.entry(ka)
+    assert e0a is not None and e0b is not None and e1 is not None and e1a is not None
+    assert e0b.slot == e1.slot and e0a.slot == e1a.slot != e1.slot
+    main_view = table.find(kb)  # the main process finds it, never allocates
+    assert main_view is not None and main_view.slot == e1.slot
+    assert table.find(key_for(b"never built")) is None
+    # What one worker counts, every process sees; each writes its own counter.
+    e0b.counters(1, 2)[0] += 3
+    e1.counters(1, 2)[1] += 2
+    assert [e.total(1, 2) for e in (e0b, e1, main_view)] == [5, 5, 5]
+    assert e0b.total(0, 2) == 0 and e0a.total(1, 2) == 0
+    with pytest.raises(ValueError):
+        SharedCounts.attach(os.dup(table.fileno()), 2)
 
 
 def test_full_table_falls_back_to_per_worker_counts(
-    table: SharedCounts, caplog: pytest.LogCaptureFixture
+    table: SharedCounts, workers: list[SharedCounts], caplog: pytest.LogCaptureFixture
 ) -> None:
-    w0 = SharedCounts.attach(os.dup(table.fileno()), 0)
+    w0 = workers[0]
+    keys = [key_for(b"c%d" % i) for i in range(5)]
+    assert all(w0.entry(k) is not None for k in keys[:4])
+    assert w0.entry(keys[4]) is None
+    assert w0.entry(keys[2]) is not None  # existing ones are still found
+    shared_counts.install(w0)
     try:
-        keys = [key_for(b"c%d" % i) for i in range(5)]
-        assert all(w0.entry(k) is not None for k in keys[:4])
-        assert w0.entry(keys[4]) is None
-        assert w0.entry(keys[2]) is not None  # existing ones are still found
-        shared_counts.install(w0)
-        try:
-            store = Store()
-            info = _Info(_proto("late", max_requests=1), store)
-            rms = resource_managers(info)
-        finally:
-            shared_counts.install(None)
-        assert rms.shared is None
-        assert type(rms.default.requests) is Resource
-        assert "shared table is full" in caplog.text and "'late'" in caplog.text
+        store = Store()
+        info = _Info(_proto("late", max_requests=1), store)
+        rms = resource_managers(info)
     finally:
-        w0.close()
+        shared_counts.install(None)
+    assert rms.shared is None
+    assert type(rms.default.requests) is Resource
+    assert "shared table is full" in caplog.text and "'late'" in caplog.text
 
 
-def test_zero_worker_clears_only_its_counters(table: SharedCounts) -> None:
-    w0 = SharedCounts.attach(os.dup(table.fileno()), 0)
-    w1 = SharedCounts.attach(os.dup(table.fileno()), 1)
-    try:
-        a0, a1 = w0.entry(key_for(b"a")), w1.entry(key_for(b"a"))
-        assert a0 is not None and a1 is not None
-        for prio in (0, 1):
-            for res in range(5):
-                a0.counters(prio, res)[0] += 1
-                a1.counters(prio, res)[1] += 10
-        table.zero_worker(1)  # e.g. the main process, worker 1 died
-        assert all(a0.total(p, r) == 1 for p in (0, 1) for r in range(5))
-        w0.zero_worker(0)  # e.g. worker 0 starting again
-        assert all(a1.total(p, r) == 0 for p in (0, 1) for r in range(5))
-        table.zero_worker(7)  # not a worker of this table: nothing
-    finally:
-        w0.close()
-        w1.close()
+def test_zero_worker_clears_only_its_counters(
+    table: SharedCounts, workers: list[SharedCounts]
+) -> None:
+    w0, w1 = workers
+    a0, a1 = w0.entry(key_for(b"a")), w1.entry(key_for(b"a"))
+    assert a0 is not None and a1 is not None
+    for prio in (0, 1):
+        for res in range(5):
+            a0.counters(prio, res)[0] += 1
+            a1.counters(prio, res)[1] += 10
+    table.zero_worker(1)  # e.g. the main process, worker 1 died
+    assert all(a0.total(p, r) == 1 for p in (0, 1) for r in range(5))
+    w0.zero_worker(0)  # e.g. worker 0 starting again
+    assert all(a1.total(p, r) == 0 for p in (0, 1) for r in range(5))
+    table.zero_worker(7)  # not a worker of this table: nothing
 
 
 class _Info:
